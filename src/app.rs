@@ -1,0 +1,311 @@
+//! Supervisor: binds the listeners, spawns side tasks (janitor, HTTP), wires signals, owns drain and shutdown.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::signal::unix::{signal, SignalKind};
+use tokio_util::task::TaskTracker;
+use tracing::{error, info, warn};
+
+use crate::config::Config;
+use crate::protocol::{self, sqlstate};
+use crate::state::{load_userlist, ClientState, Shared};
+
+/// How the process was asked to stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    /// SIGTERM or SHUTDOWN: finish running transactions first.
+    Drain,
+    /// SIGINT: leave now.
+    Fast,
+}
+
+/// Loads the userlist and builds the shared state for `cfg`.
+pub fn build(cfg: Config, config_path: PathBuf) -> Result<Arc<Shared>, String> {
+    let userlist = load_userlist(&cfg)?;
+    Ok(Shared::new(cfg, config_path, userlist))
+}
+
+/// Binds the client listener (SO_REUSEADDR and SO_REUSEPORT, so a new binary can bind beside an old one).
+pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let sock = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        None,
+    )?;
+    sock.set_reuse_address(true)?;
+    sock.set_reuse_port(true)?;
+    sock.set_nonblocking(true)?;
+    sock.bind(&addr.into())?;
+    sock.listen(4096)?;
+    TcpListener::from_std(sock.into())
+}
+
+/// Runs the proxy until a signal or SHUTDOWN; `listener` is already bound.
+pub async fn run(shared: Arc<Shared>, listener: TcpListener) -> std::io::Result<()> {
+    raise_fd_limit();
+    let tracker = TaskTracker::new();
+    let cfg = shared.config.load_full();
+    if !cfg.metrics.listen.is_empty() {
+        match TcpListener::bind(&cfg.metrics.listen).await {
+            Ok(l) => {
+                info!(addr = %cfg.metrics.listen, "metrics endpoint listening");
+                tokio::spawn(crate::http::serve(shared.clone(), l));
+            }
+            Err(e) => {
+                error!(addr = %cfg.metrics.listen, error = %e, "cannot bind metrics endpoint")
+            }
+        }
+    }
+    tokio::spawn(janitor(shared.clone()));
+    let stop = tokio::spawn(signals(shared.clone()));
+    info!(addr = %listener.local_addr()?, "pgrelay listening");
+    loop {
+        tokio::select! {
+            _ = shared.shutdown.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok((sock, addr)) => accept(&shared, &tracker, sock, addr),
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+    drop(listener);
+    let how = if stop.is_finished() {
+        stop.await.unwrap_or(Stop::Drain)
+    } else {
+        Stop::Drain
+    };
+    if how == Stop::Fast {
+        info!("exiting now (SIGINT)");
+        return Ok(());
+    }
+    drain(&shared, &tracker).await;
+    Ok(())
+}
+
+fn accept(shared: &Arc<Shared>, tracker: &TaskTracker, sock: TcpStream, addr: SocketAddr) {
+    let max = shared.config.load().proxy.max_client_conn;
+    let n = shared.client_count.fetch_add(1, Ordering::AcqRel);
+    let shared = shared.clone();
+    if n >= max {
+        tracker.spawn(async move {
+            let mut b = bytes::BytesMut::new();
+            protocol::error_response(
+                &mut b,
+                "FATAL",
+                sqlstate::TOO_MANY_CONNECTIONS,
+                "no more connections allowed (max_client_conn)",
+            );
+            let mut sock = sock;
+            let _ = tokio::time::timeout(
+                Duration::from_secs(1),
+                tokio::io::AsyncWriteExt::write_all(&mut sock, &b),
+            )
+            .await;
+            shared.client_count.fetch_sub(1, Ordering::AcqRel);
+            info!(client = %addr, max, "refused client: max_client_conn reached");
+        });
+        return;
+    }
+    tracker.spawn(async move {
+        crate::client::serve(shared.clone(), sock, addr).await;
+        shared.client_count.fetch_sub(1, Ordering::AcqRel);
+    });
+}
+
+/// Waits for SIGHUP (reload), SIGTERM (drain) and SIGINT (fast exit).
+async fn signals(shared: Arc<Shared>) -> Stop {
+    let (Ok(mut hup), Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::hangup()),
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        error!("cannot install signal handlers");
+        return Stop::Drain;
+    };
+    loop {
+        tokio::select! {
+            _ = hup.recv() => {
+                info!("SIGHUP: reloading config");
+                let _ = shared.reload();
+            }
+            _ = term.recv() => {
+                info!("SIGTERM: draining");
+                shared.shutdown.cancel();
+                return Stop::Drain;
+            }
+            _ = int.recv() => {
+                shared.shutdown.cancel();
+                return Stop::Fast;
+            }
+            _ = shared.shutdown.cancelled() => return Stop::Drain,
+        }
+    }
+}
+
+/// Lets running transactions finish (up to shutdown_timeout), closing clients at their boundaries.
+async fn drain(shared: &Arc<Shared>, tracker: &TaskTracker) {
+    let timeout = shared.config.load().proxy.shutdown_timeout.0;
+    let start = Instant::now();
+    tracker.close();
+    info!(clients = shared.clients.len(), timeout = ?timeout, "draining");
+    loop {
+        for c in shared.clients.iter() {
+            c.kill(sqlstate::ADMIN_SHUTDOWN, "pgrelay is shutting down".into());
+        }
+        if tracker.is_empty() || start.elapsed() >= timeout {
+            break;
+        }
+        tokio::select! {
+            _ = tracker.wait() => break,
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+        }
+    }
+    let left = shared.clients.len();
+    if left > 0 {
+        warn!(
+            clients = left,
+            "shutdown_timeout reached; closing remaining clients"
+        );
+    }
+    for p in shared.pools.iter() {
+        p.drop_idle();
+    }
+    info!(secs = start.elapsed().as_secs_f64(), "drained");
+}
+
+/// Periodic work: client timeouts every 100 ms, pool upkeep and gauges every second.
+async fn janitor(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut n: u64 = 0;
+    let mut gauges: HashMap<String, [metrics::Gauge; 5]> = HashMap::new();
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shared.shutdown.cancelled() => return,
+        }
+        n += 1;
+        client_timeouts(&shared);
+        if n % 10 == 0 {
+            for p in shared.pools.iter() {
+                p.janitor();
+            }
+            pool_gauges(&shared, &mut gauges);
+        }
+        if n % 50 == 0 {
+            shared.metrics.upkeep();
+        }
+    }
+}
+
+fn client_timeouts(shared: &Arc<Shared>) {
+    let cfg = shared.config.load();
+    let p = &cfg.proxy;
+    let (qt, itx, cidle) = (
+        p.query_timeout.get(),
+        p.idle_transaction_timeout.get(),
+        p.client_idle_timeout.get(),
+    );
+    if qt.is_none() && itx.is_none() && cidle.is_none() {
+        return;
+    }
+    let now = shared.micros(Instant::now());
+    for c in shared.clients.iter() {
+        let state = c.state();
+        let since = c.state_since_us.load(Ordering::Relaxed);
+        if let Some(qt) = qt {
+            let q = c.query_start_us.load(Ordering::Relaxed);
+            if q != 0 && now.saturating_sub(q) > qt.as_micros() as u64 {
+                // Mark it so the cancel goes out once; the server answers the client with 57014.
+                if c.query_start_us
+                    .compare_exchange(q, u64::MAX, Ordering::AcqRel, Ordering::Relaxed)
+                    .is_ok()
+                {
+                    info!(client = %c.addr, db = %c.database, "query_timeout: cancelling query");
+                    let c = c.clone();
+                    tokio::spawn(async move { crate::client::cancel_client(&c).await });
+                }
+            }
+        }
+        if let Some(t) = itx {
+            if c.idle_in_tx.load(Ordering::Relaxed)
+                && now.saturating_sub(since) > t.as_micros() as u64
+            {
+                c.idle_in_tx.store(false, Ordering::Relaxed);
+                c.kill(
+                    sqlstate::IDLE_IN_TRANSACTION_TIMEOUT,
+                    "idle transaction timeout".into(),
+                );
+            }
+        }
+        if let Some(t) = cidle {
+            if state == ClientState::Idle && now.saturating_sub(since) > t.as_micros() as u64 {
+                c.set_state(ClientState::Login, now);
+                c.kill(sqlstate::IDLE_SESSION_TIMEOUT, "client_idle_timeout".into());
+            }
+        }
+    }
+}
+
+fn pool_gauges(shared: &Shared, gauges: &mut HashMap<String, [metrics::Gauge; 5]>) {
+    let mut per_db: HashMap<String, [f64; 5]> = HashMap::new();
+    for p in shared.pools.iter() {
+        let c = p.counts();
+        let size = p.settings.load().pool_size as f64;
+        let e = per_db.entry(p.key.database.clone()).or_default();
+        e[0] += (c.total - c.idle) as f64;
+        e[1] += c.idle as f64;
+        e[2] += p.stats.cl_waiting.load(Ordering::Relaxed).max(0) as f64;
+        e[3] += size;
+        e[4] += p.stats.clients.load(Ordering::Relaxed).max(0) as f64;
+    }
+    for (db, v) in per_db {
+        let g = gauges.entry(db.clone()).or_insert_with(|| {
+            let m = &shared.metrics;
+            let l = |state: &str| [("state", state.to_string()), ("database", db.clone())];
+            [
+                m.gauge("db_connections_total", &l("active")),
+                m.gauge("db_connections_total", &l("idle")),
+                m.gauge("db_connections_total", &l("waiting")),
+                m.gauge(
+                    "pgrelay_pool_utilization_percent",
+                    &[("database", db.clone())],
+                ),
+                m.gauge("pgrelay_clients", &[("database", db.clone())]),
+            ]
+        });
+        g[0].set(v[0]);
+        g[1].set(v[1]);
+        g[2].set(v[2]);
+        g[3].set(if v[3] > 0.0 { 100.0 * v[0] / v[3] } else { 0.0 });
+        g[4].set(v[4]);
+    }
+}
+
+/// Raises the open-files soft limit to the hard limit, so thousands of clients do not hit EMFILE.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read/write the struct passed by pointer.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            let old = lim.rlim_cur;
+            lim.rlim_cur = lim.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) == 0 {
+                info!(from = old, to = lim.rlim_cur, "raised open-files limit");
+            }
+        }
+    }
+}

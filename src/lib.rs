@@ -1,0 +1,23 @@
+//! pgrelay: a PostgreSQL connection-pooling proxy.
+//!
+//! Map of the crate (arrows: what a module may use):
+//! - [`app`]: supervisor — listeners, signals, janitor, drain. Uses everything below.
+//! - [`client`]: one client session (startup, auth, relay loop) → [`pool`] → [`server`] → [`protocol`], [`auth`].
+//! - [`admin`] / [`http`]: the admin console and the HTTP endpoint.
+//! - [`routing`]: where each database lives (static host or Patroni leader).
+//! - [`state`]: the `Arc<Shared>` handed to every task.
+//! - [`config`], [`error`], [`observe`]: leaves anyone may use.
+
+pub mod admin;
+pub mod app;
+pub mod auth;
+pub mod client;
+pub mod config;
+pub mod error;
+pub mod http;
+pub mod observe;
+pub mod pool;
+pub mod protocol;
+pub mod routing;
+pub mod server;
+pub mod state;

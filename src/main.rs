@@ -1,0 +1,126 @@
+//! Command line: `pgrelay [--config F]` runs the proxy; `pgrelay check` validates a config.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use pgrelay::config::Config;
+
+#[derive(Parser)]
+#[command(
+    name = "pgrelay",
+    version,
+    about = "PostgreSQL connection-pooling proxy"
+)]
+struct Cli {
+    /// Config file.
+    #[arg(long, short = 'c', global = true, default_value = "proxy.toml")]
+    config: PathBuf,
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the proxy (the default).
+    Run,
+    /// Validate a config file; with a running pgrelay's file, show what a reload would change.
+    Check {
+        /// Compare against this (running) config and print the diff.
+        #[arg(long)]
+        against: Option<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_target(false)
+        .init();
+    match cli.cmd.unwrap_or(Cmd::Run) {
+        Cmd::Check { against } => check(&cli.config, against.as_deref()),
+        Cmd::Run => run(&cli.config),
+    }
+}
+
+fn check(path: &std::path::Path, against: Option<&std::path::Path>) -> ExitCode {
+    let cfg = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    if let Err(e) = pgrelay::state::load_userlist(&cfg) {
+        eprintln!("error: auth.file: {e}");
+        return ExitCode::from(1);
+    }
+    println!("{}: ok ({} databases)", path.display(), cfg.databases.len());
+    if let Some(old) = against {
+        match Config::load(old) {
+            Ok(o) => print!("{}", o.diff(&cfg)),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(1);
+            }
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+fn run(path: &std::path::Path) -> ExitCode {
+    let cfg = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let workers = if cfg.proxy.workers == 0 {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2)
+    } else {
+        cfg.proxy.workers
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let addr: std::net::SocketAddr = match cfg.proxy.listen.parse() {
+        Ok(a) => a,
+        Err(_) => {
+            eprintln!("error: proxy.listen: not an address");
+            return ExitCode::from(1);
+        }
+    };
+    let shared = match pgrelay::app::build(cfg, path.to_path_buf()) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: auth.file: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let r = rt.block_on(async move {
+        let listener = pgrelay::app::bind(addr)?;
+        pgrelay::app::run(shared, listener).await
+    });
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,139 @@
+//! Query timing, fingerprints, per-fingerprint stats, slow-query capture and the Prometheus metric handles.
+
+use std::time::Duration;
+
+use metrics::{Counter, Histogram, Key, Label, Metadata, Recorder};
+use metrics_exporter_prometheus::{
+    Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
+};
+
+pub mod fingerprint;
+
+pub use fingerprint::QueryType;
+
+/// Bucket bounds of the latency histograms: 50 µs to 10 s.
+pub const LATENCY_BUCKETS: &[f64] = &[
+    0.00005, 0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.025, 0.05,
+    0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+const META: Metadata<'static> =
+    Metadata::new("pgrelay", metrics::Level::INFO, Some("pgrelay::observe"));
+
+/// The process's metric registry. Not installed globally: handles are registered from it explicitly.
+pub struct Metrics {
+    recorder: PrometheusRecorder,
+    handle: PrometheusHandle,
+}
+
+impl Metrics {
+    /// Creates the registry with pgrelay's histogram buckets.
+    pub fn new() -> Metrics {
+        let builder = PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
+            .expect("bucket list is a non-empty constant");
+        let recorder = builder.build_recorder();
+        let handle = recorder.handle();
+        Metrics { recorder, handle }
+    }
+
+    /// Prometheus text exposition of everything registered.
+    pub fn render(&self) -> String {
+        self.handle.render()
+    }
+
+    /// Drains histogram samples into their buckets; called periodically so memory stays flat between scrapes.
+    pub fn upkeep(&self) {
+        self.handle.run_upkeep();
+    }
+
+    /// A counter handle.
+    pub fn counter(&self, name: &'static str, labels: &[(&'static str, String)]) -> Counter {
+        self.recorder.register_counter(&key(name, labels), &META)
+    }
+
+    /// A gauge handle.
+    pub fn gauge(&self, name: &'static str, labels: &[(&'static str, String)]) -> metrics::Gauge {
+        self.recorder.register_gauge(&key(name, labels), &META)
+    }
+
+    /// A histogram handle.
+    pub fn histogram(&self, name: &'static str, labels: &[(&'static str, String)]) -> Histogram {
+        self.recorder.register_histogram(&key(name, labels), &META)
+    }
+
+    /// The handles one pool records into, registered once.
+    pub fn pool(&self, database: &str, enabled: bool) -> PoolMetrics {
+        let db = || ("database", database.to_string());
+        let qd = |t: QueryType| {
+            self.histogram(
+                "db_query_duration_seconds",
+                &[db(), ("query_type", t.as_str().to_string())],
+            )
+        };
+        PoolMetrics {
+            enabled,
+            query_duration: [
+                qd(QueryType::Select),
+                qd(QueryType::Insert),
+                qd(QueryType::Update),
+                qd(QueryType::Delete),
+                qd(QueryType::Other),
+            ],
+            pool_wait: self.histogram("pgrelay_pool_wait_seconds", &[db()]),
+            queries: self.counter("pgrelay_queries_total", &[db()]),
+            transactions: self.counter("pgrelay_transactions_total", &[db()]),
+            errors: self.counter("pgrelay_query_errors_total", &[db()]),
+            checkouts: self.counter("pgrelay_pool_checkouts_total", &[db()]),
+            bytes_received: self.counter("pgrelay_client_bytes_received_total", &[db()]),
+            bytes_sent: self.counter("pgrelay_client_bytes_sent_total", &[db()]),
+        }
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+fn key(name: &'static str, labels: &[(&'static str, String)]) -> Key {
+    let labels: Vec<Label> = labels
+        .iter()
+        .map(|(k, v)| Label::new(*k, v.clone()))
+        .collect();
+    Key::from_parts(name, labels)
+}
+
+/// Metric handles of one pool.
+pub struct PoolMetrics {
+    pub enabled: bool,
+    query_duration: [Histogram; 5],
+    pool_wait: Histogram,
+    pub queries: Counter,
+    pub transactions: Counter,
+    pub errors: Counter,
+    pub checkouts: Counter,
+    pub bytes_received: Counter,
+    pub bytes_sent: Counter,
+}
+
+impl PoolMetrics {
+    /// Records one query's latency.
+    #[inline]
+    pub fn record_query(&self, t: QueryType, d: Duration) {
+        if self.enabled {
+            self.query_duration[t as usize].record(d.as_secs_f64());
+        }
+        self.queries.increment(1);
+    }
+
+    /// Records how long a client waited for a server.
+    #[inline]
+    pub fn record_wait(&self, d: Duration) {
+        self.checkouts.increment(1);
+        if self.enabled {
+            self.pool_wait.record(d.as_secs_f64());
+        }
+    }
+}

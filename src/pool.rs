@@ -1,0 +1,565 @@
+//! Pool per (database, user): idle stack, FIFO waiter queue, size limits, lifetimes, and a checkout guard that
+//! discards its server unless it is explicitly released clean.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use parking_lot::Mutex;
+use tokio::sync::{oneshot, watch};
+use tracing::{debug, info, warn};
+
+use crate::config::{Config, PoolSettings};
+use crate::error::{Error, Result};
+use crate::observe::PoolMetrics;
+use crate::routing::Route;
+use crate::server::{Login, ServerConn, Target};
+
+/// Identity of a pool.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct PoolKey {
+    pub database: String,
+    pub user: String,
+}
+
+/// Server-connection count shared by every pool of one database (for max_db_connections).
+#[derive(Default)]
+pub struct DbLimit {
+    pub open: AtomicUsize,
+}
+
+/// Counters behind SHOW STATS; plain atomics bumped once per query or transaction.
+#[derive(Default)]
+pub struct PoolStats {
+    pub xact_count: AtomicU64,
+    pub query_count: AtomicU64,
+    pub bytes_received: AtomicU64,
+    pub bytes_sent: AtomicU64,
+    pub xact_time_us: AtomicU64,
+    pub query_time_us: AtomicU64,
+    pub wait_time_us: AtomicU64,
+    pub wait_count: AtomicU64,
+    pub errors: AtomicU64,
+    /// Clients linked to a server / waiting for one / connected to this pool at all.
+    pub cl_active: AtomicI64,
+    pub cl_waiting: AtomicI64,
+    pub clients: AtomicI64,
+}
+
+/// What a waiter is handed.
+enum Grant {
+    /// An idle connection, passed directly so no other client can jump the queue.
+    Conn(ServerConn),
+    /// Room to open a new connection (someone closed one).
+    Slot,
+}
+
+struct Waiter {
+    tx: oneshot::Sender<Grant>,
+    since: Instant,
+}
+
+/// What SHOW SERVERS lists about a connection.
+#[derive(Clone, Debug)]
+pub struct ServerMeta {
+    pub target: Arc<Target>,
+    pub backend_pid: i32,
+    pub local_port: u16,
+    pub connect_time: std::time::SystemTime,
+}
+
+#[derive(Default)]
+struct Inner {
+    idle: Vec<ServerConn>,
+    /// Connections open or being opened, idle or not.
+    total: usize,
+    waiters: VecDeque<Waiter>,
+    servers: HashMap<u64, ServerMeta>,
+}
+
+/// One pool.
+pub struct Pool {
+    pub key: PoolKey,
+    pub login: ArcSwap<Login>,
+    pub settings: ArcSwap<PoolSettings>,
+    pub config: Arc<ArcSwap<Config>>,
+    route: watch::Receiver<Route>,
+    /// For Patroni-routed databases: a new connection must be writable (`pg_is_in_recovery() = false`).
+    must_be_primary: bool,
+    inner: Mutex<Inner>,
+    pub stats: PoolStats,
+    pub metrics: PoolMetrics,
+    db_limit: Arc<DbLimit>,
+    pub paused: AtomicBool,
+    /// Set when the pool's database is removed by a reload: connections close as they come back.
+    pub retired: AtomicBool,
+    /// The parameters the first server reported, replayed to clients at login.
+    pub server_params: Mutex<Option<Vec<(String, String)>>>,
+    pub max_wait_us: AtomicU64,
+    last_login_error: Mutex<Option<Instant>>,
+}
+
+/// Result of the locked part of a checkout.
+enum Step {
+    Got(ServerConn),
+    Connect,
+    Wait(oneshot::Receiver<Grant>),
+}
+
+impl Pool {
+    /// Creates an empty pool.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        key: PoolKey,
+        login: Login,
+        settings: PoolSettings,
+        config: Arc<ArcSwap<Config>>,
+        route: watch::Receiver<Route>,
+        must_be_primary: bool,
+        metrics: PoolMetrics,
+        db_limit: Arc<DbLimit>,
+    ) -> Pool {
+        Pool {
+            key,
+            login: ArcSwap::from_pointee(login),
+            settings: ArcSwap::from_pointee(settings),
+            config,
+            route,
+            must_be_primary,
+            inner: Mutex::new(Inner::default()),
+            stats: PoolStats::default(),
+            metrics,
+            db_limit,
+            paused: AtomicBool::new(false),
+            retired: AtomicBool::new(false),
+            server_params: Mutex::new(None),
+            max_wait_us: AtomicU64::new(0),
+            last_login_error: Mutex::new(None),
+        }
+    }
+
+    /// Gets a server connection, waiting in FIFO order up to `deadline`.
+    pub async fn checkout(self: &Arc<Self>, deadline: Option<Instant>) -> Result<PooledConn> {
+        let start = Instant::now();
+        let settings = self.settings.load_full();
+        let reserve_after = self.config.load().proxy.reserve_pool_timeout.0;
+        let mut may_use_reserve = settings.reserve_pool_size > 0 && reserve_after.is_zero();
+        let mut waiting = false;
+        let result = loop {
+            let step = self.step(&settings, may_use_reserve);
+            match step {
+                Step::Got(conn) => match self.prepare_idle(conn).await {
+                    Some(conn) => break Ok(conn),
+                    None => continue,
+                },
+                Step::Connect => break self.open().await,
+                Step::Wait(rx) => {
+                    if !waiting {
+                        waiting = true;
+                        self.stats.cl_waiting.fetch_add(1, Ordering::Relaxed);
+                    }
+                    let reserve_at = (settings.reserve_pool_size > 0 && !may_use_reserve)
+                        .then(|| start + reserve_after);
+                    let grant = tokio::select! {
+                        g = rx => g.ok(),
+                        _ = sleep_until_opt(deadline) => {
+                            break Err(Error::Timeout("query_wait_timeout"));
+                        }
+                        _ = sleep_until_opt(reserve_at) => {
+                            may_use_reserve = true;
+                            None
+                        }
+                    };
+                    match grant {
+                        Some(Grant::Conn(conn)) => match self.prepare_idle(conn).await {
+                            Some(conn) => break Ok(conn),
+                            None => continue,
+                        },
+                        Some(Grant::Slot) => break self.open().await,
+                        None => continue,
+                    }
+                }
+            }
+        };
+        if waiting {
+            self.stats.cl_waiting.fetch_sub(1, Ordering::Relaxed);
+        }
+        let waited = start.elapsed();
+        let us = waited.as_micros() as u64;
+        self.stats.wait_time_us.fetch_add(us, Ordering::Relaxed);
+        self.stats.wait_count.fetch_add(1, Ordering::Relaxed);
+        self.max_wait_us.fetch_max(us, Ordering::Relaxed);
+        self.metrics.record_wait(waited);
+        result.map(|conn| PooledConn {
+            conn: Some(conn),
+            pool: self.clone(),
+        })
+    }
+
+    fn step(&self, s: &PoolSettings, reserve: bool) -> Step {
+        let mut g = self.inner.lock();
+        // Idle connections only exist while nobody waits (checkin hands them straight to the queue), so taking one
+        // never overtakes a queued client.
+        while let Some(conn) = g.idle.pop() {
+            if self.is_usable(&conn) {
+                return Step::Got(conn);
+            }
+            g.servers.remove(&conn.id);
+            g.total -= 1;
+            self.db_limit.open.fetch_sub(1, Ordering::Relaxed);
+            close_now(conn);
+        }
+        let limit = s.pool_size + if reserve { s.reserve_pool_size } else { 0 };
+        let db_ok = s.max_db_connections == 0
+            || self.db_limit.open.load(Ordering::Relaxed) < s.max_db_connections;
+        if g.total < limit && db_ok {
+            g.total += 1;
+            self.db_limit.open.fetch_add(1, Ordering::Relaxed);
+            return Step::Connect;
+        }
+        let (tx, rx) = oneshot::channel();
+        if g.waiters.len() > 64 && g.waiters.len().is_power_of_two() {
+            g.waiters.retain(|w| !w.tx.is_closed());
+        }
+        g.waiters.push_back(Waiter {
+            tx,
+            since: Instant::now(),
+        });
+        Step::Wait(rx)
+    }
+
+    fn is_usable(&self, conn: &ServerConn) -> bool {
+        let cfg = self.config.load();
+        let route = self.route.borrow();
+        if conn.generation != route.generation {
+            return false;
+        }
+        if let Some(l) = cfg.proxy.server_lifetime.get() {
+            if conn.created.elapsed() > l {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Checks an idle connection before handing it out (server_check_query after server_check_delay idle).
+    async fn prepare_idle(self: &Arc<Self>, mut conn: ServerConn) -> Option<ServerConn> {
+        let (delay, query) = {
+            let cfg = self.config.load();
+            (
+                cfg.proxy.server_check_delay.0,
+                cfg.proxy.server_check_query.clone(),
+            )
+        };
+        if !query.is_empty() && conn.last_used.elapsed() >= delay {
+            let ok = tokio::time::timeout(Duration::from_secs(5), conn.execute(&query)).await;
+            if !matches!(ok, Ok(Ok(()))) {
+                debug!(pool = %self.key.database, server = conn.id, "server check failed, dropping it");
+                self.forget(conn);
+                return None;
+            }
+        }
+        Some(conn)
+    }
+
+    /// Opens a new connection for a slot already counted in `total`.
+    async fn open(self: &Arc<Self>) -> Result<ServerConn> {
+        match self.connect().await {
+            Ok(conn) => {
+                let mut g = self.inner.lock();
+                g.servers.insert(
+                    conn.id,
+                    ServerMeta {
+                        target: conn.target.clone(),
+                        backend_pid: conn.backend_pid,
+                        local_port: conn.local_port,
+                        connect_time: std::time::SystemTime::now(),
+                    },
+                );
+                Ok(conn)
+            }
+            Err(e) => {
+                self.give_back_slot();
+                Err(e)
+            }
+        }
+    }
+
+    async fn connect(&self) -> Result<ServerConn> {
+        // server_login_retry: after a failed login, wait before hammering the server again.
+        let retry = self.config.load().proxy.server_login_retry.0;
+        let last = *self.last_login_error.lock();
+        if let Some(t) = last {
+            let since = t.elapsed();
+            if since < retry {
+                tokio::time::sleep(retry - since).await;
+            }
+        }
+        let mut route_rx = self.route.clone();
+        let (target, generation) = loop {
+            let r = route_rx.borrow_and_update().clone();
+            match r.target {
+                Some(t) => break (t, r.generation),
+                // No writable leader right now: wait for routing rather than fail (bounded by the caller's deadline).
+                None => {
+                    if route_rx.changed().await.is_err() {
+                        return Err(Error::Pool("routing stopped".into()));
+                    }
+                }
+            }
+        };
+        let cfg = self.config.load_full();
+        let login = self.login.load_full();
+        let r = ServerConn::connect(target.clone(), &login, &cfg.proxy, generation).await;
+        let mut conn = match r {
+            Ok(c) => c,
+            Err(e) => {
+                *self.last_login_error.lock() = Some(Instant::now());
+                warn!(db = %self.key.database, user = %self.key.user, server = %target, error = %e, "server connect failed");
+                return Err(e);
+            }
+        };
+        if self.must_be_primary {
+            let rows = conn.query_column("select pg_is_in_recovery()").await?;
+            let in_recovery = rows.first().and_then(|r| r.first()).cloned().flatten();
+            if in_recovery.as_deref() != Some("f") {
+                return Err(Error::Pool(format!(
+                    "{target} is not writable (in recovery)"
+                )));
+            }
+        }
+        *self.last_login_error.lock() = None;
+        debug!(db = %self.key.database, server = %target, pid = conn.backend_pid, "server connected");
+        {
+            let mut p = self.server_params.lock();
+            if p.is_none() {
+                *p = Some(conn.params.clone());
+            }
+        }
+        Ok(conn)
+    }
+
+    /// A slot counted in `total` is free again: hand it to the first live waiter, or shrink.
+    fn give_back_slot(&self) {
+        let mut g = self.inner.lock();
+        while let Some(w) = g.waiters.pop_front() {
+            if w.tx.send(Grant::Slot).is_ok() {
+                return;
+            }
+        }
+        g.total -= 1;
+        self.db_limit.open.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Returns a clean, idle connection.
+    fn checkin(&self, mut conn: ServerConn) {
+        if conn.tx_status != b'I' || !self.is_usable(&conn) || self.retired.load(Ordering::Relaxed)
+        {
+            self.forget(conn);
+            return;
+        }
+        conn.last_used = Instant::now();
+        let mut g = self.inner.lock();
+        while let Some(w) = g.waiters.pop_front() {
+            match w.tx.send(Grant::Conn(conn)) {
+                Ok(()) => return,
+                Err(Grant::Conn(c)) => conn = c,
+                Err(Grant::Slot) => unreachable!("send returns the value it was given"),
+            }
+        }
+        g.idle.push(conn);
+    }
+
+    /// Closes a connection and frees its slot.
+    pub fn forget(&self, conn: ServerConn) {
+        self.inner.lock().servers.remove(&conn.id);
+        close_now(conn);
+        self.give_back_slot();
+    }
+
+    /// Periodic upkeep: idle/lifetime expiry, stale routing, min_pool_size. Returns how many connections to open.
+    pub fn janitor(self: &Arc<Self>) {
+        let cfg = self.config.load();
+        let s = self.settings.load();
+        let idle_timeout = cfg.proxy.server_idle_timeout.get();
+        let mut closed = Vec::new();
+        let to_open;
+        {
+            let mut g = self.inner.lock();
+            let min = s.min_pool_size;
+            let mut i = 0;
+            while i < g.idle.len() {
+                let conn = &g.idle[i];
+                let expired_idle =
+                    idle_timeout.is_some_and(|t| conn.last_used.elapsed() > t) && g.total > min;
+                if expired_idle || !self.is_usable(conn) || self.retired.load(Ordering::Relaxed) {
+                    let c = g.idle.swap_remove(i);
+                    g.servers.remove(&c.id);
+                    g.total -= 1;
+                    self.db_limit.open.fetch_sub(1, Ordering::Relaxed);
+                    closed.push(c);
+                } else {
+                    i += 1;
+                }
+            }
+            g.waiters.retain(|w| !w.tx.is_closed());
+            let route_ok = self.route.borrow().target.is_some();
+            to_open = if route_ok
+                && !self.retired.load(Ordering::Relaxed)
+                && !self.paused.load(Ordering::Relaxed)
+            {
+                min.saturating_sub(g.total)
+            } else {
+                0
+            };
+            g.total += to_open;
+            self.db_limit.open.fetch_add(to_open, Ordering::Relaxed);
+        }
+        for c in closed {
+            close_now(c);
+        }
+        for _ in 0..to_open {
+            let pool = self.clone();
+            tokio::spawn(async move {
+                if let Ok(conn) = pool.open().await {
+                    pool.checkin(conn);
+                }
+            });
+        }
+    }
+
+    /// Counts for SHOW POOLS and metrics: (total, idle, waiting clients, oldest wait).
+    pub fn counts(&self) -> PoolCounts {
+        let g = self.inner.lock();
+        PoolCounts {
+            total: g.total,
+            idle: g.idle.len(),
+            waiters: g.waiters.iter().filter(|w| !w.tx.is_closed()).count(),
+            oldest_wait: g
+                .waiters
+                .iter()
+                .filter(|w| !w.tx.is_closed())
+                .map(|w| w.since.elapsed())
+                .max(),
+        }
+    }
+
+    /// Connections for SHOW SERVERS: (id, meta, idle?).
+    pub fn servers(&self) -> Vec<(u64, ServerMeta, bool)> {
+        let g = self.inner.lock();
+        let idle: Vec<u64> = g.idle.iter().map(|c| c.id).collect();
+        g.servers
+            .iter()
+            .map(|(id, m)| (*id, m.clone(), idle.contains(id)))
+            .collect()
+    }
+
+    /// Closes every idle connection now (KILL, leader change, reload of the target).
+    pub fn drop_idle(&self) {
+        let closed: Vec<ServerConn> = {
+            let mut g = self.inner.lock();
+            let v: Vec<ServerConn> = g.idle.drain(..).collect();
+            for c in &v {
+                g.servers.remove(&c.id);
+            }
+            g.total -= v.len();
+            self.db_limit.open.fetch_sub(v.len(), Ordering::Relaxed);
+            v
+        };
+        for c in closed {
+            close_now(c);
+        }
+    }
+
+    /// The routing receiver, for watching leader changes.
+    pub fn route(&self) -> watch::Receiver<Route> {
+        self.route.clone()
+    }
+
+    /// Logs the pool's state at info level (used on shutdown and reload).
+    pub fn log_state(&self) {
+        let c = self.counts();
+        info!(db = %self.key.database, user = %self.key.user, total = c.total, idle = c.idle, waiting = c.waiters, "pool state");
+    }
+}
+
+/// Snapshot of a pool's counts.
+#[derive(Debug, Clone, Copy)]
+pub struct PoolCounts {
+    pub total: usize,
+    pub idle: usize,
+    pub waiters: usize,
+    pub oldest_wait: Option<Duration>,
+}
+
+/// A checked-out server connection; returned to the pool only by [`PooledConn::release`], closed otherwise.
+pub struct PooledConn {
+    conn: Option<ServerConn>,
+    pool: Arc<Pool>,
+}
+
+impl PooledConn {
+    /// Returns the connection to its pool; the caller vouches that the server is idle and clean.
+    pub fn release(mut self) {
+        if let Some(c) = self.conn.take() {
+            self.pool.checkin(c);
+        }
+    }
+
+    /// Closes the connection (its state is unknown or broken).
+    pub fn discard(mut self) {
+        if let Some(c) = self.conn.take() {
+            self.pool.forget(c);
+        }
+    }
+
+    /// The pool it came from.
+    pub fn pool(&self) -> &Arc<Pool> {
+        &self.pool
+    }
+}
+
+impl std::ops::Deref for PooledConn {
+    type Target = ServerConn;
+    fn deref(&self) -> &ServerConn {
+        self.conn
+            .as_ref()
+            .expect("conn is Some until release/discard consume the guard")
+    }
+}
+
+impl std::ops::DerefMut for PooledConn {
+    fn deref_mut(&mut self) -> &mut ServerConn {
+        self.conn
+            .as_mut()
+            .expect("conn is Some until release/discard consume the guard")
+    }
+}
+
+impl Drop for PooledConn {
+    fn drop(&mut self) {
+        // A guard dropped without release() belongs to a client that broke off mid-way: its server may be inside a
+        // transaction or mid-response, so it is closed (PostgreSQL rolls the transaction back), never reused.
+        if let Some(c) = self.conn.take() {
+            self.pool.forget(c);
+        }
+    }
+}
+
+/// Closes a connection without waiting: a best-effort Terminate, then the socket is dropped.
+fn close_now(conn: ServerConn) {
+    if let crate::server::ServerStream::Tcp(s) = &conn.stream {
+        let _ = s.try_write(&[b'X', 0, 0, 0, 4]);
+    } else if let crate::server::ServerStream::Unix(s) = &conn.stream {
+        let _ = s.try_write(&[b'X', 0, 0, 0, 4]);
+    }
+}
+
+async fn sleep_until_opt(t: Option<Instant>) {
+    match t {
+        Some(t) => tokio::time::sleep_until(t.into()).await,
+        None => std::future::pending().await,
+    }
+}

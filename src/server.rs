@@ -1,0 +1,501 @@
+//! One backend connection: connect, log in, parameter status, transaction status, reset and health check.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::{TcpStream, UnixStream};
+
+use crate::auth::{self, ScramClient, ScramCredential, Secret};
+use crate::config::ProxyConfig;
+use crate::error::{Error, Result};
+use crate::protocol::{self, take_cstr, take_i32};
+
+/// Where a server lives: a TCP host and port, or a Unix-socket directory and port.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Target {
+    pub host: String,
+    pub port: u16,
+}
+
+impl Target {
+    fn is_unix(&self) -> bool {
+        self.host.starts_with('/')
+    }
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.host, self.port)
+    }
+}
+
+/// A byte stream to a server.
+pub enum ServerStream {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl AsyncRead for ServerStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ServerStream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            ServerStream::Unix(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for ServerStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            ServerStream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            ServerStream::Unix(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ServerStream::Tcp(s) => Pin::new(s).poll_flush(cx),
+            ServerStream::Unix(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ServerStream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            ServerStream::Unix(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
+/// How pgrelay logs in to a server.
+#[derive(Clone)]
+pub struct Login {
+    pub user: String,
+    pub database: String,
+    /// The user's secret from the userlist or the database entry.
+    pub secret: Option<Secret>,
+    /// SCRAM keys recovered from a client's proof, for servers that want SCRAM when only a verifier is stored.
+    pub scram_keys: Option<([u8; 32], [u8; 32])>,
+}
+
+/// Server parameters that follow each client (reported by the server via ParameterStatus).
+pub const TRACKED_PARAMS: &[&str] = &[
+    "client_encoding",
+    "DateStyle",
+    "TimeZone",
+    "IntervalStyle",
+    "standard_conforming_strings",
+    "application_name",
+];
+
+static NEXT_SERVER_ID: AtomicU64 = AtomicU64::new(1);
+
+/// One logged-in server connection.
+pub struct ServerConn {
+    pub id: u64,
+    pub stream: ServerStream,
+    pub rbuf: BytesMut,
+    pub target: Arc<Target>,
+    pub backend_pid: i32,
+    pub backend_key: i32,
+    /// Every ParameterStatus the server sent, latest value wins.
+    pub params: Vec<(String, String)>,
+    pub created: Instant,
+    pub last_used: Instant,
+    /// Routing generation this connection was made under; a newer generation retires it.
+    pub generation: u64,
+    /// Last ReadyForQuery status: b'I', b'T' or b'E'.
+    pub tx_status: u8,
+    /// Session-level state a reset must clear before the next client (session mode, SET in transaction mode).
+    pub needs_reset: bool,
+    pub local_port: u16,
+    /// Settings pgrelay SET on this server for its current client, by name (see `client::relay`).
+    pub applied: Vec<(String, String)>,
+}
+
+impl ServerConn {
+    /// Opens and logs in a new connection.
+    pub async fn connect(
+        target: Arc<Target>,
+        login: &Login,
+        proxy: &ProxyConfig,
+        generation: u64,
+    ) -> Result<ServerConn> {
+        let timeout = proxy
+            .server_connect_timeout
+            .get()
+            .unwrap_or(Duration::from_secs(3600));
+        match tokio::time::timeout(
+            timeout,
+            Self::connect_inner(target, login, proxy, generation),
+        )
+        .await
+        {
+            Ok(r) => r,
+            Err(_) => Err(Error::Timeout("server_connect_timeout")),
+        }
+    }
+
+    async fn connect_inner(
+        target: Arc<Target>,
+        login: &Login,
+        proxy: &ProxyConfig,
+        generation: u64,
+    ) -> Result<ServerConn> {
+        let (stream, local_port) = if target.is_unix() {
+            let path = format!(
+                "{}/.s.PGSQL.{}",
+                target.host.trim_end_matches('/'),
+                target.port
+            );
+            (
+                ServerStream::Unix(UnixStream::connect(path).await.map_err(Error::Server)?),
+                0,
+            )
+        } else {
+            let s = TcpStream::connect((target.host.as_str(), target.port))
+                .await
+                .map_err(Error::Server)?;
+            configure_tcp(&s, proxy);
+            let lp = s.local_addr().map(|a| a.port()).unwrap_or(0);
+            (ServerStream::Tcp(s), lp)
+        };
+        let mut conn = ServerConn {
+            id: NEXT_SERVER_ID.fetch_add(1, Ordering::Relaxed),
+            stream,
+            rbuf: BytesMut::with_capacity(16 * 1024),
+            target,
+            backend_pid: 0,
+            backend_key: 0,
+            params: Vec::new(),
+            created: Instant::now(),
+            last_used: Instant::now(),
+            generation,
+            tx_status: b'I',
+            needs_reset: false,
+            local_port,
+            applied: Vec::new(),
+        };
+        conn.login(login).await?;
+        Ok(conn)
+    }
+
+    async fn login(&mut self, login: &Login) -> Result<()> {
+        let mut out = BytesMut::new();
+        protocol::startup_message(
+            &mut out,
+            &[("user", &login.user), ("database", &login.database)],
+        );
+        self.stream.write_all(&out).await.map_err(Error::Server)?;
+        let mut scram: Option<ScramClient> = None;
+        loop {
+            let (t, body) = self.read_message().await?;
+            let mut r = &body[..];
+            match t {
+                b'R' => {
+                    let code = take_i32(&mut r)
+                        .ok_or_else(|| Error::ServerProtocol("short auth message".into()))?;
+                    out.clear();
+                    match code {
+                        0 => {}
+                        3 => {
+                            let Some(Secret::Plain(p)) = &login.secret else {
+                                return Err(Error::Auth(format!(
+                                    "server wants a cleartext password for {} and none is configured",
+                                    login.user
+                                )));
+                            };
+                            protocol::password_message(&mut out, p);
+                        }
+                        5 => {
+                            if r.len() < 4 {
+                                return Err(Error::ServerProtocol("short md5 salt".into()));
+                            }
+                            let salt = [r[0], r[1], r[2], r[3]];
+                            let resp = login
+                                .secret
+                                .as_ref()
+                                .and_then(|s| auth::md5_response(&login.user, s, salt))
+                                .ok_or_else(|| {
+                                    Error::Auth(format!("server wants md5 for {} and no password or md5 hash is configured", login.user))
+                                })?;
+                            protocol::password_message(&mut out, &resp);
+                        }
+                        10 => {
+                            let mut mechs = Vec::new();
+                            while let Some(m) = take_cstr(&mut r) {
+                                if m.is_empty() {
+                                    break;
+                                }
+                                mechs.push(m.to_string());
+                            }
+                            if !mechs.iter().any(|m| m == "SCRAM-SHA-256") {
+                                return Err(Error::Auth(format!(
+                                    "server offers no supported SASL mechanism: {mechs:?}"
+                                )));
+                            }
+                            let cred = match (&login.secret, login.scram_keys) {
+                                (Some(Secret::Plain(p)), _) => ScramCredential::Password(p.clone()),
+                                (_, Some((client_key, server_key))) => ScramCredential::Keys { client_key, server_key },
+                                _ => {
+                                    return Err(Error::Auth(format!(
+                                        "server wants SCRAM for {} and pgrelay has neither its password nor keys from a client's SCRAM login",
+                                        login.user
+                                    )))
+                                }
+                            };
+                            let c = ScramClient::new(cred);
+                            protocol::sasl_initial_response(
+                                &mut out,
+                                "SCRAM-SHA-256",
+                                &c.client_first(),
+                            );
+                            scram = Some(c);
+                        }
+                        11 => {
+                            let c = scram.as_mut().ok_or_else(|| {
+                                Error::ServerProtocol("SASLContinue before SASL".into())
+                            })?;
+                            let resp = c
+                                .server_first(r)
+                                .map_err(|e| Error::Auth(format!("scram with server: {e}")))?;
+                            protocol::sasl_response(&mut out, &resp);
+                        }
+                        12 => {
+                            let c = scram.as_mut().ok_or_else(|| {
+                                Error::ServerProtocol("SASLFinal before SASL".into())
+                            })?;
+                            c.server_final(r)
+                                .map_err(|e| Error::Auth(format!("scram with server: {e}")))?;
+                        }
+                        other => {
+                            return Err(Error::Auth(format!(
+                                "server wants unsupported auth method {other}"
+                            )))
+                        }
+                    }
+                    if !out.is_empty() {
+                        self.stream.write_all(&out).await.map_err(Error::Server)?;
+                    }
+                }
+                b'S' => self.note_parameter(r),
+                b'K' => {
+                    self.backend_pid = take_i32(&mut r).unwrap_or(0);
+                    self.backend_key = take_i32(&mut r).unwrap_or(0);
+                }
+                b'E' => {
+                    let f = protocol::parse_error_fields(r);
+                    return Err(Error::ServerRefused {
+                        code: f.code,
+                        message: f.message,
+                    });
+                }
+                b'N' | b'v' => {}
+                b'Z' => {
+                    self.tx_status = r.first().copied().unwrap_or(b'I');
+                    return Ok(());
+                }
+                other => {
+                    return Err(Error::ServerProtocol(format!(
+                        "unexpected message {:?} during login",
+                        other as char
+                    )))
+                }
+            }
+        }
+    }
+
+    /// Records a ParameterStatus body.
+    pub fn note_parameter(&mut self, mut body: &[u8]) {
+        let (Some(k), Some(v)) = (take_cstr(&mut body), take_cstr(&mut body)) else {
+            return;
+        };
+        if let Some(slot) = self.params.iter_mut().find(|(n, _)| n == k) {
+            if slot.1 != v {
+                slot.1 = v.to_string();
+            }
+        } else {
+            self.params.push((k.to_string(), v.to_string()));
+        }
+    }
+
+    /// After DISCARD ALL / RESET ALL nothing pgrelay SET is in force any more.
+    pub fn applied_reset(&mut self) {
+        self.applied.clear();
+    }
+
+    /// Current value of a reported parameter.
+    pub fn param(&self, name: &str) -> Option<&str> {
+        self.params
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// Reads one whole message (used outside the relay loop: login, reset, checks).
+    pub async fn read_message(&mut self) -> Result<(u8, BytesMut)> {
+        loop {
+            if let Some((t, len)) = protocol::frame_header(&self.rbuf, 1 << 30)
+                .map_err(|e| Error::ServerProtocol(e.to_string()))?
+            {
+                if self.rbuf.len() >= len {
+                    let mut frame = self.rbuf.split_to(len);
+                    frame.advance(5);
+                    return Ok((t, frame));
+                }
+                self.rbuf.reserve(len - self.rbuf.len());
+            }
+            let n = self
+                .stream
+                .read_buf(&mut self.rbuf)
+                .await
+                .map_err(Error::Server)?;
+            if n == 0 {
+                return Err(Error::Server(io::ErrorKind::UnexpectedEof.into()));
+            }
+        }
+    }
+
+    /// Runs a simple query and waits for its ReadyForQuery; an ErrorResponse becomes an error.
+    /// ParameterStatus messages it causes are recorded.
+    pub async fn execute(&mut self, sql: &str) -> Result<()> {
+        let mut out = BytesMut::new();
+        protocol::query(&mut out, sql);
+        self.stream.write_all(&out).await.map_err(Error::Server)?;
+        self.finish_query().await
+    }
+
+    /// Reads responses up to ReadyForQuery, keeping the first error.
+    pub async fn finish_query(&mut self) -> Result<()> {
+        let mut err = None;
+        loop {
+            let (t, body) = self.read_message().await?;
+            match t {
+                b'Z' => {
+                    self.tx_status = body.first().copied().unwrap_or(b'I');
+                    return match err {
+                        Some(e) => Err(e),
+                        None => Ok(()),
+                    };
+                }
+                b'E' => {
+                    let f = protocol::parse_error_fields(&body);
+                    err.get_or_insert(Error::ServerRefused {
+                        code: f.code,
+                        message: f.message,
+                    });
+                }
+                b'S' => self.note_parameter(&body),
+                _ => {}
+            }
+        }
+    }
+
+    /// Runs a query and returns the first column of every row as text (for the health collector and checks).
+    pub async fn query_column(&mut self, sql: &str) -> Result<Vec<Vec<Option<String>>>> {
+        let mut out = BytesMut::new();
+        protocol::query(&mut out, sql);
+        self.stream.write_all(&out).await.map_err(Error::Server)?;
+        let mut rows = Vec::new();
+        let mut err = None;
+        loop {
+            let (t, body) = self.read_message().await?;
+            match t {
+                b'D' => {
+                    let mut r = &body[..];
+                    let n = protocol::take_i16(&mut r).unwrap_or(0).max(0) as usize;
+                    let mut row = Vec::with_capacity(n);
+                    for _ in 0..n {
+                        let len = take_i32(&mut r).unwrap_or(-1);
+                        if len < 0 || len as usize > r.len() {
+                            row.push(None);
+                        } else {
+                            row.push(Some(
+                                String::from_utf8_lossy(&r[..len as usize]).into_owned(),
+                            ));
+                            r = &r[len as usize..];
+                        }
+                    }
+                    rows.push(row);
+                }
+                b'E' => {
+                    let f = protocol::parse_error_fields(&body);
+                    err.get_or_insert(Error::ServerRefused {
+                        code: f.code,
+                        message: f.message,
+                    });
+                }
+                b'S' => self.note_parameter(&body),
+                b'Z' => {
+                    self.tx_status = body.first().copied().unwrap_or(b'I');
+                    return match err {
+                        Some(e) => Err(e),
+                        None => Ok(rows),
+                    };
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Politely closes the connection.
+    pub async fn terminate(mut self) {
+        let mut out = BytesMut::new();
+        protocol::terminate(&mut out);
+        let _ = tokio::time::timeout(Duration::from_millis(100), self.stream.write_all(&out)).await;
+    }
+}
+
+/// Applies TCP_NODELAY and the keepalive settings to a socket.
+pub fn configure_tcp(s: &TcpStream, proxy: &ProxyConfig) {
+    let _ = s.set_nodelay(true);
+    if proxy.tcp_keepalive {
+        let ka = socket2::TcpKeepalive::new()
+            .with_time(Duration::from_secs(proxy.tcp_keepidle.max(1)))
+            .with_interval(Duration::from_secs(proxy.tcp_keepintvl.max(1)))
+            .with_retries(proxy.tcp_keepcnt.max(1));
+        let _ = socket2::SockRef::from(s).set_tcp_keepalive(&ka);
+    }
+}
+
+/// Sends a CancelRequest for backend (pid, key) to a server.
+pub async fn send_cancel(target: &Target, pid: i32, key: i32) -> io::Result<()> {
+    let mut out = BytesMut::new();
+    protocol::cancel_request(&mut out, pid, key);
+    let fut = async {
+        if target.is_unix() {
+            let path = format!(
+                "{}/.s.PGSQL.{}",
+                target.host.trim_end_matches('/'),
+                target.port
+            );
+            let mut s = UnixStream::connect(path).await?;
+            s.write_all(&out).await?;
+            let mut b = [0u8; 1];
+            let _ = s.read(&mut b).await;
+        } else {
+            let mut s = TcpStream::connect((target.host.as_str(), target.port)).await?;
+            s.write_all(&out).await?;
+            // PostgreSQL closes the socket after reading the request; waiting for that keeps the order
+            // "cancel delivered, then anything else" for callers that care.
+            let mut b = [0u8; 1];
+            let _ = s.read(&mut b).await;
+        }
+        Ok::<_, io::Error>(())
+    };
+    tokio::time::timeout(Duration::from_secs(5), fut)
+        .await
+        .unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into()))
+}

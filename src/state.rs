@@ -1,0 +1,298 @@
+//! The process-wide state handed to every task as `Arc<Shared>`: config, userlist, pools, clients, metrics.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use arc_swap::ArcSwap;
+use dashmap::DashMap;
+use parking_lot::Mutex;
+use tokio::sync::{watch, Notify};
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::Userlist;
+use crate::config::Config;
+use crate::observe::Metrics;
+use crate::pool::{DbLimit, Pool, PoolKey};
+use crate::routing::Route;
+use crate::server::{Login, Target};
+
+/// Client states, as SHOW CLIENTS reports them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum ClientState {
+    Login = 0,
+    Idle = 1,
+    Waiting = 2,
+    Active = 3,
+}
+
+impl ClientState {
+    fn from_u8(v: u8) -> ClientState {
+        match v {
+            1 => ClientState::Idle,
+            2 => ClientState::Waiting,
+            3 => ClientState::Active,
+            _ => ClientState::Login,
+        }
+    }
+
+    /// pgBouncer's name for the state.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ClientState::Login => "login",
+            ClientState::Idle => "idle",
+            ClientState::Waiting => "waiting",
+            ClientState::Active => "active",
+        }
+    }
+}
+
+/// Where a client's cancel request must go while it is linked.
+#[derive(Clone, Debug)]
+pub struct CancelTarget {
+    pub target: Arc<Target>,
+    pub pid: i32,
+    pub key: i32,
+    pub server_id: u64,
+}
+
+/// What the rest of the process may see or do to one client session.
+pub struct ClientInfo {
+    pub id: u64,
+    pub addr: SocketAddr,
+    pub local: Option<SocketAddr>,
+    pub user: String,
+    pub database: String,
+    pub application_name: Mutex<String>,
+    pub connect_time: SystemTime,
+    pub cancel_key: (i32, i32),
+    pub linked: Mutex<Option<CancelTarget>>,
+    pub(crate) state: AtomicU8,
+    /// Micros since `Shared::epoch` when the current state began.
+    pub state_since_us: AtomicU64,
+    /// Micros since epoch when the oldest in-flight query started; 0 = none.
+    pub query_start_us: AtomicU64,
+    /// Set when the server is idle inside a transaction, waiting for this client.
+    pub idle_in_tx: AtomicBool,
+    pub kill: Notify,
+    pub kill_reason: Mutex<Option<(&'static str, String)>>,
+    pub tls: bool,
+}
+
+impl ClientInfo {
+    /// Current state.
+    pub fn state(&self) -> ClientState {
+        ClientState::from_u8(self.state.load(Ordering::Relaxed))
+    }
+
+    /// Changes state and stamps the time.
+    #[inline]
+    pub fn set_state(&self, s: ClientState, now_us: u64) {
+        self.state.store(s as u8, Ordering::Relaxed);
+        self.state_since_us.store(now_us, Ordering::Relaxed);
+    }
+
+    /// Asks the session to end with an error (`code`, `message`).
+    pub fn kill(&self, code: &'static str, message: String) {
+        *self.kill_reason.lock() = Some((code, message));
+        self.kill.notify_one();
+    }
+}
+
+/// Everything shared.
+pub struct Shared {
+    pub config: Arc<ArcSwap<Config>>,
+    pub config_path: std::path::PathBuf,
+    pub userlist: ArcSwap<Userlist>,
+    pub pools: DashMap<PoolKey, Arc<Pool>>,
+    pub routes: DashMap<String, (watch::Sender<Route>, watch::Receiver<Route>)>,
+    pub db_limits: DashMap<String, Arc<DbLimit>>,
+    pub clients: DashMap<u64, Arc<ClientInfo>>,
+    pub cancel_keys: DashMap<(i32, i32), Arc<ClientInfo>>,
+    pub metrics: Arc<Metrics>,
+    pub client_count: AtomicUsize,
+    pub next_client_id: AtomicU64,
+    pub epoch: Instant,
+    pub started: SystemTime,
+    /// Stop accepting; set by SIGTERM / SHUTDOWN.
+    pub shutdown: CancellationToken,
+    pub paused: AtomicBool,
+    pub resumed: Notify,
+    pub reload_failures: AtomicU64,
+}
+
+impl Shared {
+    /// Builds the shared state for a loaded config.
+    pub fn new(config: Config, config_path: std::path::PathBuf, userlist: Userlist) -> Arc<Shared> {
+        Arc::new(Shared {
+            config: Arc::new(ArcSwap::from_pointee(config)),
+            config_path,
+            userlist: ArcSwap::from_pointee(userlist),
+            pools: DashMap::new(),
+            routes: DashMap::new(),
+            db_limits: DashMap::new(),
+            clients: DashMap::new(),
+            cancel_keys: DashMap::new(),
+            metrics: Arc::new(Metrics::new()),
+            client_count: AtomicUsize::new(0),
+            next_client_id: AtomicU64::new(1),
+            epoch: Instant::now(),
+            started: SystemTime::now(),
+            shutdown: CancellationToken::new(),
+            paused: AtomicBool::new(false),
+            resumed: Notify::new(),
+            reload_failures: AtomicU64::new(0),
+        })
+    }
+
+    /// Micros since start, for cheap timestamps in atomics.
+    #[inline]
+    pub fn micros(&self, t: Instant) -> u64 {
+        t.saturating_duration_since(self.epoch).as_micros() as u64
+    }
+
+    /// The route of a configured database, creating a fixed one for static hosts on first use.
+    pub fn route(&self, db: &str) -> Option<watch::Receiver<Route>> {
+        if let Some(r) = self.routes.get(db) {
+            return Some(r.1.clone());
+        }
+        let cfg = self.config.load();
+        let dbc = cfg.databases.get(db)?;
+        let host = dbc.host.clone()?;
+        let (tx, rx) = crate::routing::fixed(Target {
+            host,
+            port: dbc.port.unwrap_or(5432),
+        });
+        let entry = self.routes.entry(db.to_string()).or_insert((tx, rx));
+        Some(entry.1.clone())
+    }
+
+    /// The pool for (database, user), created on first use. `None` if the database is not configured.
+    pub fn pool(&self, database: &str, user: &str) -> Option<Arc<Pool>> {
+        let key = PoolKey {
+            database: database.to_string(),
+            user: user.to_string(),
+        };
+        if let Some(p) = self.pools.get(&key) {
+            return Some(p.clone());
+        }
+        let cfg = self.config.load_full();
+        let dbc = cfg.databases.get(database)?;
+        let route = self.route(database)?;
+        let server_user = dbc.user.clone().unwrap_or_else(|| user.to_string());
+        let secret = match &dbc.password {
+            Some(p) => Some(crate::auth::Secret::parse(p)),
+            None => self.userlist.load().get(&server_user).cloned(),
+        };
+        let login = Login {
+            user: server_user,
+            database: dbc.dbname.clone().unwrap_or_else(|| database.to_string()),
+            secret,
+            scram_keys: None,
+        };
+        let limit = self
+            .db_limits
+            .entry(database.to_string())
+            .or_default()
+            .clone();
+        let metrics = self.metrics.pool(database, cfg.proxy.observability);
+        let pool = Arc::new(Pool::new(
+            key.clone(),
+            login,
+            cfg.pool_settings(dbc),
+            self.config.clone(),
+            route,
+            dbc.patroni.is_some(),
+            metrics,
+            limit,
+        ));
+        Some(self.pools.entry(key).or_insert(pool).clone())
+    }
+}
+
+impl Shared {
+    /// Re-reads the config file (and userlist) and applies the difference; on any error the old config stays.
+    pub fn reload(&self) -> Result<crate::config::ConfigDiff, String> {
+        let r = self.try_reload();
+        if let Err(e) = &r {
+            self.reload_failures.fetch_add(1, Ordering::Relaxed);
+            self.metrics
+                .counter("pgrelay_config_reload_failures_total", &[])
+                .increment(1);
+            tracing::error!(file = %self.config_path.display(), error = %e, "config reload failed; keeping the old config");
+        }
+        r
+    }
+
+    fn try_reload(&self) -> Result<crate::config::ConfigDiff, String> {
+        let new = Config::load(&self.config_path).map_err(|e| e.to_string())?;
+        let userlist = load_userlist(&new)?;
+        let old = self.config.load_full();
+        let diff = old.diff(&new);
+        for k in &diff.restart {
+            tracing::warn!(key = %k, "changed key needs a restart to take effect");
+        }
+        let new = Arc::new(new);
+        self.config.store(new.clone());
+        self.userlist.store(Arc::new(userlist));
+        // Pools follow their database entry: sizes in place, a new target or login retires old connections.
+        for p in self.pools.iter() {
+            let Some(db) = new.databases.get(&p.key.database) else {
+                p.retired.store(true, Ordering::Relaxed);
+                p.drop_idle();
+                continue;
+            };
+            p.settings.store(Arc::new(new.pool_settings(db)));
+            let old_db = old.databases.get(&p.key.database);
+            if old_db.map(|o| (&o.dbname, &o.user, &o.password))
+                != Some((&db.dbname, &db.user, &db.password))
+            {
+                let user = db.user.clone().unwrap_or_else(|| p.key.user.clone());
+                let secret = match &db.password {
+                    Some(pw) => Some(crate::auth::Secret::parse(pw)),
+                    None => self.userlist.load().get(&user).cloned(),
+                };
+                p.login.store(Arc::new(Login {
+                    user,
+                    database: db.dbname.clone().unwrap_or_else(|| p.key.database.clone()),
+                    secret,
+                    scram_keys: p.login.load().scram_keys,
+                }));
+                if let Some(r) = self.routes.get(&p.key.database) {
+                    r.0.send_modify(|route| route.generation += 1);
+                }
+                p.drop_idle();
+            }
+        }
+        for (name, db) in &new.databases {
+            if let (Some(host), Some(r)) = (&db.host, self.routes.get(name)) {
+                let t = Target {
+                    host: host.clone(),
+                    port: db.port.unwrap_or(5432),
+                };
+                if crate::routing::publish(&r.0, Some(t)) {
+                    tracing::info!(db = %name, "database moved; old connections drain");
+                }
+            }
+        }
+        self.routes
+            .retain(|name, _| new.databases.contains_key(name));
+        tracing::info!(changes = diff.changes.len(), "config reloaded");
+        Ok(diff)
+    }
+}
+
+/// Loads the userlist named by the config (an empty one when there is none).
+pub fn load_userlist(cfg: &Config) -> Result<Userlist, String> {
+    match &cfg.auth.file {
+        None => Ok(Userlist::default()),
+        Some(f) => {
+            let path = cfg.resolve(f);
+            let text =
+                std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+            Userlist::parse(&text).map_err(|e| format!("{}: {e}", path.display()))
+        }
+    }
+}
