@@ -8,6 +8,7 @@ use metrics_exporter_prometheus::{
 };
 
 pub mod fingerprint;
+pub mod qstats;
 
 pub use fingerprint::QueryType;
 
@@ -135,5 +136,45 @@ impl PoolMetrics {
         if self.enabled {
             self.pool_wait.record(d.as_secs_f64());
         }
+    }
+}
+
+/// Counts heap allocations made by the current thread, so tests can prove hot paths are
+/// allocation-free rather than just claim it.
+#[cfg(test)]
+#[allow(unsafe_code)]
+pub(crate) mod alloc_count {
+    use std::alloc::{GlobalAlloc, Layout, System};
+    use std::cell::Cell;
+
+    thread_local! {
+        static COUNT: Cell<u64> = const { Cell::new(0) };
+    }
+
+    struct Counting;
+
+    // SAFETY: every call is forwarded unchanged to the system allocator.
+    unsafe impl GlobalAlloc for Counting {
+        unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+            COUNT.with(|c| c.set(c.get() + 1));
+            unsafe { System.alloc(layout) }
+        }
+        unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+            unsafe { System.dealloc(ptr, layout) }
+        }
+        unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+            COUNT.with(|c| c.set(c.get() + 1));
+            unsafe { System.realloc(ptr, layout, new_size) }
+        }
+    }
+
+    #[global_allocator]
+    static GLOBAL: Counting = Counting;
+
+    /// Allocations made by this thread while running `f`.
+    pub fn count<R>(f: impl FnOnce() -> R) -> (u64, R) {
+        let before = COUNT.with(|c| c.get());
+        let r = f();
+        (COUNT.with(|c| c.get()) - before, r)
     }
 }
