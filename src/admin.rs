@@ -166,6 +166,7 @@ async fn run_command(
                 vec![vec![s(format!("pgrelay {}", env!("CARGO_PKG_VERSION")))]],
             )),
             "LISTS" => Some(show_lists(shared)),
+            "CLUSTER" => Some(show_cluster(shared)),
             "HELP" => Some((vec!["command"], HELP.iter().map(|h| vec![s(h)]).collect())),
             _ => {
                 error(
@@ -251,7 +252,7 @@ async fn run_command(
 }
 
 const HELP: &[&str] = &[
-    "SHOW POOLS|STATS|CLIENTS|SERVERS|DATABASES|CONFIG|VERSION|LISTS|HELP",
+    "SHOW POOLS|STATS|CLIENTS|SERVERS|DATABASES|CONFIG|VERSION|LISTS|CLUSTER|HELP",
     "PAUSE [db]",
     "RESUME [db]",
     "RELOAD",
@@ -588,4 +589,47 @@ fn show_lists(shared: &Shared) -> Rows {
         vec![s("free_servers"), s(idle)],
     ];
     (vec!["list", "items"], rows)
+}
+
+fn show_cluster(shared: &Shared) -> Rows {
+    let cols = vec![
+        "cluster",
+        "member",
+        "host",
+        "port",
+        "role",
+        "state",
+        "timeline",
+        "lag_bytes",
+        "routed",
+        "reachable",
+        "leader_since",
+    ];
+    let mut rows = Vec::new();
+    for c in shared.clusters.iter() {
+        let v = c.value().borrow().clone();
+        for m in &v.members {
+            let routed = v.leader.as_ref().is_some_and(|l| l.name == m.name);
+            let since = if routed {
+                v.changed
+                    .map(|t| format!("{:.1}s ago", t.elapsed().as_secs_f64()))
+            } else {
+                None
+            };
+            rows.push(vec![
+                s(c.key()),
+                s(&m.name),
+                s(&m.host),
+                s(m.port),
+                s(format!("{:?}", m.role).to_lowercase()),
+                s(&m.state),
+                m.timeline.map(|t| t.to_string()),
+                m.lag_bytes.map(|t| t.to_string()),
+                s(routed),
+                s(v.reachable),
+                since,
+            ]);
+        }
+    }
+    (cols, rows)
 }

@@ -62,6 +62,7 @@ pub async fn run(shared: Arc<Shared>, listener: TcpListener) -> std::io::Result<
             }
         }
     }
+    start_patroni(&shared);
     tokio::spawn(janitor(shared.clone()));
     let stop = tokio::spawn(signals(shared.clone()));
     info!(addr = %listener.local_addr()?, "pgrelay listening");
@@ -90,6 +91,42 @@ pub async fn run(shared: Arc<Shared>, listener: TcpListener) -> std::io::Result<
     }
     drain(&shared, &tracker).await;
     Ok(())
+}
+
+/// Starts a watcher per `[patroni.NAME]` and routes the databases that follow it.
+fn start_patroni(shared: &Arc<Shared>) {
+    use crate::routing::{self, patroni};
+    let cfg = shared.config.load_full();
+    for (name, pc) in &cfg.patroni {
+        let (tx, rx) = tokio::sync::watch::channel(patroni::initial_view());
+        let pcfg = patroni::PatroniConfig {
+            name: name.clone(),
+            endpoints: pc.endpoints.clone(),
+            poll_interval: pc.poll_interval.0,
+            http_timeout: pc.http_timeout.0,
+        };
+        tokio::spawn(patroni::watch(pcfg, tx, shared.shutdown.clone()));
+        let mut senders = Vec::new();
+        for (db, dc) in &cfg.databases {
+            if dc.patroni.as_deref() == Some(name.as_str()) {
+                let (rtx, rrx) = routing::pending();
+                senders.push(rtx.clone());
+                shared.routes.insert(db.clone(), (rtx, rrx));
+            }
+        }
+        shared.clusters.insert(name.clone(), rx.clone());
+        let counter = shared
+            .metrics
+            .counter("pgrelay_leader_changes_total", &[("cluster", name.clone())]);
+        tokio::spawn(routing::follow_cluster(
+            name.clone(),
+            rx,
+            senders,
+            counter,
+            shared.shutdown.clone(),
+        ));
+        info!(cluster = %name, endpoints = ?pc.endpoints, "following patroni cluster");
+    }
 }
 
 fn accept(shared: &Arc<Shared>, tracker: &TaskTracker, sock: TcpStream, addr: SocketAddr) {

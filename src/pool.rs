@@ -297,6 +297,36 @@ impl Pool {
                 tokio::time::sleep(retry - since).await;
             }
         }
+        // A Patroni leader may still be finishing its promotion: retry "in recovery" for a few seconds.
+        let give_up = Instant::now() + Duration::from_secs(5);
+        loop {
+            let mut conn = self.connect_once().await?;
+            if !self.must_be_primary {
+                break self.connected(conn);
+            }
+            let rows = conn.query_column("select pg_is_in_recovery()").await?;
+            if rows
+                .first()
+                .and_then(|r| r.first())
+                .cloned()
+                .flatten()
+                .as_deref()
+                == Some("f")
+            {
+                break self.connected(conn);
+            }
+            conn.terminate().await;
+            if Instant::now() > give_up {
+                return Err(Error::Pool(format!(
+                    "{} is not writable (in recovery)",
+                    self.key.database
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn connect_once(&self) -> Result<ServerConn> {
         let mut route_rx = self.route.clone();
         let (target, generation) = loop {
             let r = route_rx.borrow_and_update().clone();
@@ -312,26 +342,19 @@ impl Pool {
         };
         let cfg = self.config.load_full();
         let login = self.login.load_full();
-        let r = ServerConn::connect(target.clone(), &login, &cfg.proxy, generation).await;
-        let mut conn = match r {
-            Ok(c) => c,
+        match ServerConn::connect(target.clone(), &login, &cfg.proxy, generation).await {
+            Ok(c) => Ok(c),
             Err(e) => {
                 *self.last_login_error.lock() = Some(Instant::now());
                 warn!(db = %self.key.database, user = %self.key.user, server = %target, error = %e, "server connect failed");
-                return Err(e);
-            }
-        };
-        if self.must_be_primary {
-            let rows = conn.query_column("select pg_is_in_recovery()").await?;
-            let in_recovery = rows.first().and_then(|r| r.first()).cloned().flatten();
-            if in_recovery.as_deref() != Some("f") {
-                return Err(Error::Pool(format!(
-                    "{target} is not writable (in recovery)"
-                )));
+                Err(e)
             }
         }
+    }
+
+    fn connected(&self, conn: ServerConn) -> Result<ServerConn> {
         *self.last_login_error.lock() = None;
-        debug!(db = %self.key.database, server = %target, pid = conn.backend_pid, "server connected");
+        debug!(db = %self.key.database, server = %conn.target, pid = conn.backend_pid, "server connected");
         {
             let mut p = self.server_params.lock();
             if p.is_none() {

@@ -108,6 +108,8 @@ pub struct Shared {
     pub userlist: ArcSwap<Userlist>,
     pub pools: DashMap<PoolKey, Arc<Pool>>,
     pub routes: DashMap<String, (watch::Sender<Route>, watch::Receiver<Route>)>,
+    /// Latest view of each Patroni cluster, for SHOW CLUSTER.
+    pub clusters: DashMap<String, watch::Receiver<crate::routing::patroni::ClusterView>>,
     pub db_limits: DashMap<String, Arc<DbLimit>>,
     pub clients: DashMap<u64, Arc<ClientInfo>>,
     pub cancel_keys: DashMap<(i32, i32), Arc<ClientInfo>>,
@@ -132,6 +134,7 @@ impl Shared {
             userlist: ArcSwap::from_pointee(userlist),
             pools: DashMap::new(),
             routes: DashMap::new(),
+            clusters: DashMap::new(),
             db_limits: DashMap::new(),
             clients: DashMap::new(),
             cancel_keys: DashMap::new(),
