@@ -233,13 +233,13 @@ async fn janitor(shared: Arc<Shared>) {
         }
         n += 1;
         client_timeouts(&shared);
-        if n % 10 == 0 {
+        if n.is_multiple_of(10) {
             for p in shared.pools.iter() {
                 p.janitor();
             }
             pool_gauges(&shared, &mut gauges);
         }
-        if n % 50 == 0 {
+        if n.is_multiple_of(50) {
             shared.metrics.upkeep();
         }
     }

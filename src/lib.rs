@@ -17,6 +17,7 @@ pub mod error;
 pub mod http;
 pub mod observe;
 pub mod pool;
+pub mod prepared;
 pub mod protocol;
 pub mod routing;
 pub mod server;

@@ -123,6 +123,8 @@ pub struct ServerConn {
     pub local_port: u16,
     /// Settings pgrelay SET on this server for its current client, by name (see `client::relay`).
     pub applied: Vec<(String, String)>,
+    /// Proxy-wide prepared statements that exist on this server.
+    pub statements: crate::prepared::ServerStatements,
 }
 
 impl ServerConn {
@@ -187,6 +189,7 @@ impl ServerConn {
             needs_reset: false,
             local_port,
             applied: Vec::new(),
+            statements: Default::default(),
         };
         conn.login(login).await?;
         Ok(conn)

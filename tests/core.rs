@@ -273,10 +273,9 @@ async fn max_client_conn_refuses_with_clear_error() {
     for _ in 0..3 {
         held.push(relay.connect().await);
     }
-    let e = try_connect(&relay.url("postgres", PASSWORD))
-        .await
-        .err()
-        .expect("4th client must be refused");
+    let Err(e) = try_connect(&relay.url("postgres", PASSWORD)).await else {
+        panic!("4th client must be refused")
+    };
     assert!(msg(&e).contains("max_client_conn"), "{e}");
     assert_eq!(sqlstate(&e).as_deref(), Some("53300"));
     drop(held);

@@ -1,12 +1,17 @@
 //! The relay loop: one task owns the client and, while linked, its server connection. Frames are scanned in place,
 //! forwarded in one write per batch, and the server goes back to the pool at the transaction boundary.
+//!
+//! Every forwarded message that the server answers is recorded in `expect`, in order. That queue is what lets the
+//! proxy drop answers to messages it injected (a Parse before a Bind, a SET for the client's settings) and
+//! synthesise answers to messages it absorbed (a Parse the server already has, a Close of a shared statement)
+//! without ever reordering the stream, and it tells exactly when the server is back at a transaction boundary.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::{Buf, BytesMut};
+use bytes::{Buf, BufMut, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tracing::{debug, info, warn};
 
@@ -16,16 +21,39 @@ use crate::error::{Error, Result};
 use crate::observe::fingerprint::query_type;
 use crate::observe::QueryType;
 use crate::pool::{Pool, PooledConn};
-use crate::protocol::{self, sqlstate};
+use crate::prepared::{self, Prepared, SessionCommand};
+use crate::protocol::{self, sqlstate, take_cstr};
 use crate::state::{CancelTarget, ClientInfo, ClientState, Shared};
 
 /// Server frames larger than this are streamed through instead of buffered whole (unless the proxy must read them).
 const STREAM_THRESHOLD: usize = 64 * 1024;
 
-/// One query awaiting its ReadyForQuery.
-struct InFlight {
-    start: Instant,
-    qtype: QueryType,
+/// An answer the server (or the proxy) still owes, in order.
+#[derive(Debug)]
+enum Expect {
+    /// ParseComplete. `swallow`: the Parse was injected. `hash`/`client`: forget them if the Parse fails.
+    Parse {
+        swallow: bool,
+        hash: Option<u64>,
+        client: Option<String>,
+    },
+    Bind,
+    /// RowDescription or NoData ends it (a statement Describe sends ParameterDescription first).
+    Describe,
+    /// CommandComplete, EmptyQueryResponse or PortalSuspended ends it.
+    Execute,
+    Close {
+        swallow: bool,
+    },
+    /// ReadyForQuery ends a Sync, a simple Query or a FunctionCall.
+    Ready {
+        swallow: bool,
+        start: Instant,
+        qtype: QueryType,
+        set: Option<Box<SessionCommand>>,
+    },
+    /// An answer the proxy makes up (ParseComplete '1' or CloseComplete '3') once everything before it is answered.
+    Synth(u8),
 }
 
 /// What woke the loop.
@@ -41,18 +69,23 @@ pub struct Session {
     info: Arc<ClientInfo>,
     pool: Arc<Pool>,
     mode: PoolMode,
-    /// Settings this client asked for (startup parameters); applied to every server it gets.
+    /// Settings this client asked for (startup parameters and SETs), as (name, SQL value); applied to every server.
     params: Vec<(String, String)>,
     max_packet: usize,
-    inflight: VecDeque<InFlight>,
+    max_prepared: usize,
+    expect: VecDeque<Expect>,
     /// Extended-protocol messages forwarded since the last Sync: the server is not at a boundary yet.
     open_extended: bool,
-    /// Injected queries whose responses are dropped before anything reaches the client.
-    swallow: u32,
     /// Bytes of a large server frame still streaming through, and whether they are dropped.
     server_skip: usize,
     server_skip_drop: bool,
-    last_qtype: QueryType,
+    /// An error arrived since the last ReadyForQuery (so a pending SET did not take).
+    saw_error: bool,
+    cur_qtype: QueryType,
+    /// The client's named statements (transaction and statement modes).
+    statements: HashMap<String, Arc<Prepared>>,
+    /// Set once the client uses a session-scoped feature: it keeps its server until it leaves.
+    pinned: Option<&'static str>,
     linked_at: Option<Instant>,
     /// Close at the next transaction boundary (drain).
     close_at_boundary: Option<(&'static str, String)>,
@@ -68,23 +101,34 @@ impl Session {
         params: Vec<(String, String)>,
     ) -> Session {
         let cfg = shared.config.load();
+        let params = params
+            .into_iter()
+            .map(|(k, v)| (k, protocol::quote_literal(&v)))
+            .collect();
         Session {
             mode: pool.settings.load().pool_mode,
             max_packet: cfg.proxy.max_packet_size,
+            max_prepared: cfg.proxy.max_prepared_statements,
             shared: shared.clone(),
             info,
             pool,
             params,
-            inflight: VecDeque::with_capacity(16),
+            expect: VecDeque::with_capacity(32),
             open_extended: false,
-            swallow: 0,
             server_skip: 0,
             server_skip_drop: false,
-            last_qtype: QueryType::Other,
+            saw_error: false,
+            cur_qtype: QueryType::Other,
+            statements: HashMap::new(),
+            pinned: None,
             linked_at: None,
             close_at_boundary: None,
             out: BytesMut::with_capacity(16 * 1024),
         }
+    }
+
+    fn rewrites(&self) -> bool {
+        self.mode != PoolMode::Session
     }
 
     /// Relays until the client leaves or is told to.
@@ -144,7 +188,7 @@ impl Session {
                         Ok(false) => {}
                         Err(e) => {
                             if e.is_server_side() {
-                                warn!(client = %conn.addr, error = %e, "server connection lost mid-transaction");
+                                warn!(client = %conn.addr, error = %e, "server connection lost");
                                 conn.fatal(
                                     sqlstate::CONNECTION_FAILURE,
                                     "server conn crashed? the server closed the connection",
@@ -186,25 +230,23 @@ impl Session {
     }
 
     fn at_boundary(&self, s: &PooledConn) -> bool {
-        self.inflight.is_empty()
+        self.expect.is_empty()
             && !self.open_extended
-            && self.swallow == 0
             && self.server_skip == 0
             && s.tx_status == b'I'
             && s.rbuf.is_empty()
     }
 
-    /// Scans complete client frames, links a server if needed and forwards them. `Ok(false)` = client is done.
+    /// Scans complete client frames, links a server when one is needed, rewrites what must be rewritten and forwards
+    /// the batch in one write. `Ok(false)` = the client is done.
     async fn on_client_data(
         &mut self,
         conn: &mut ClientConn,
         server: &mut Option<PooledConn>,
     ) -> Result<bool> {
         let now = Instant::now();
-        let mut terminate = false;
-        let mut only_syncs = true;
         let mut consumed = 0;
-        let before = self.inflight.len();
+        let mut terminate = false;
         loop {
             let buf = &conn.rbuf[consumed..];
             let (t, len) = match protocol::frame_header(buf, self.max_packet) {
@@ -224,50 +266,14 @@ impl Session {
                 conn.rbuf.reserve(len - buf.len());
                 break;
             }
-            let body = &buf[5..len];
             match t {
-                b'Q' => {
-                    let qt = query_type(protocol::query_text(body));
-                    self.inflight.push_back(InFlight {
-                        start: now,
-                        qtype: qt,
-                    });
-                    only_syncs = false;
-                }
-                b'P' => {
-                    let mut r = body;
-                    let _name = protocol::take_cstr(&mut r);
-                    self.last_qtype = protocol::take_cstr(&mut r)
-                        .map(query_type)
-                        .unwrap_or(QueryType::Other);
-                    self.open_extended = true;
-                    only_syncs = false;
-                }
-                b'S' => {
-                    self.inflight.push_back(InFlight {
-                        start: now,
-                        qtype: self.last_qtype,
-                    });
-                    self.open_extended = false;
-                }
-                b'F' => {
-                    self.inflight.push_back(InFlight {
-                        start: now,
-                        qtype: QueryType::Other,
-                    });
-                    only_syncs = false;
-                }
-                b'B' | b'E' | b'D' | b'C' => {
-                    self.open_extended = true;
-                    only_syncs = false;
-                }
-                b'H' => {}
-                b'd' | b'c' | b'f' => only_syncs = false,
                 b'X' => {
                     terminate = true;
                     consumed += len;
                     break;
                 }
+                b'Q' | b'P' | b'B' | b'E' | b'D' | b'C' | b'S' | b'H' | b'F' | b'd' | b'c'
+                | b'f' => {}
                 other => {
                     warn!(client = %conn.addr, msg_type = other, "invalid frontend message type");
                     conn.fatal(
@@ -280,39 +286,71 @@ impl Session {
                     )));
                 }
             }
-            self.out.extend_from_slice(&buf[..len]);
-            consumed += len;
-        }
-        conn.rbuf.advance(consumed);
-        if !self.out.is_empty() {
-            if server.is_none() {
-                if only_syncs && !self.open_extended {
-                    // A bare Sync (or Flush) needs no server: answer it here.
-                    for _ in before..self.inflight.len() {
+            // Messages that can be answered here need no server.
+            if server.is_none() && self.expect.is_empty() && self.out.is_empty() {
+                let local = match t {
+                    b'S' if !self.open_extended => {
                         protocol::ready_for_query(&mut conn.wbuf, b'I');
+                        true
                     }
-                    self.inflight.truncate(before);
-                    self.out.clear();
-                    conn.flush().await?;
-                    return Ok(!terminate);
+                    b'H' if !self.open_extended => true,
+                    b'Q' if self.rewrites() => {
+                        self.answer_locally(&mut conn.wbuf, &buf[5..len], b'I')
+                    }
+                    _ => false,
+                };
+                if local {
+                    consumed += len;
+                    continue;
                 }
-                match self.link(conn, now).await {
+                match self.link(now).await {
                     Ok(s) => *server = Some(s),
                     Err(e) => {
-                        self.refuse_batch(conn, &e).await?;
-                        return Ok(!terminate);
+                        conn.rbuf.advance(consumed);
+                        self.refuse_batch(conn, &e, &buf_owned(&conn.rbuf)).await?;
+                        return Ok(true);
                     }
                 }
             }
             let srv = server.as_mut().expect("linked above");
-            if let Some(q) = self.inflight.front() {
+            if t == b'Q' && self.rewrites() && self.expect.is_empty() && self.out.is_empty() {
+                let status = srv.tx_status;
+                if self.answer_locally(
+                    &mut conn.wbuf,
+                    &conn.rbuf[consumed + 5..consumed + len],
+                    status,
+                ) {
+                    consumed += len;
+                    continue;
+                }
+            }
+            let frame = &conn.rbuf[consumed..consumed + len];
+            self.forward(srv, t, frame, now);
+            consumed += len;
+        }
+        conn.rbuf.advance(consumed);
+        self.flush_synth(conn);
+        if !conn.wbuf.is_empty() {
+            conn.flush().await?;
+        }
+        if !self.out.is_empty() {
+            let srv = server.as_mut().expect("output only exists while linked");
+            if let Some(start) = self.expect.iter().find_map(|e| match e {
+                Expect::Ready {
+                    start,
+                    swallow: false,
+                    ..
+                } => Some(*start),
+                _ => None,
+            }) {
                 self.info
                     .query_start_us
-                    .store(self.shared.micros(q.start), Ordering::Relaxed);
+                    .store(self.shared.micros(start), Ordering::Relaxed);
             }
             self.info.idle_in_tx.store(false, Ordering::Relaxed);
-            if let Err(e) = srv.stream.write_all(&self.out).await {
-                self.out.clear();
+            let r = srv.stream.write_all(&self.out).await;
+            self.out.clear();
+            if let Err(e) = r {
                 conn.fatal(
                     sqlstate::CONNECTION_FAILURE,
                     "server connection failed while sending",
@@ -320,16 +358,249 @@ impl Session {
                 .await;
                 return Err(Error::Server(e));
             }
-            self.out.clear();
         }
-        if terminate {
-            return Ok(false);
-        }
-        Ok(true)
+        Ok(!terminate)
     }
 
-    /// Gets a server for this client and brings its settings in line (injected SET/RESET, answer swallowed).
-    async fn link(&mut self, conn: &mut ClientConn, now: Instant) -> Result<PooledConn> {
+    /// Copies one client frame to the server output, rewriting named statements and recording what it expects.
+    fn forward(&mut self, srv: &mut PooledConn, t: u8, frame: &[u8], now: Instant) {
+        let body = &frame[5..];
+        let rewrites = self.rewrites();
+        match t {
+            b'Q' => {
+                let sql = protocol::query_text(body);
+                self.cur_qtype = query_type(sql);
+                let mut set = None;
+                if rewrites {
+                    match prepared::classify(sql) {
+                        Some(
+                            cmd @ (SessionCommand::Set { .. }
+                            | SessionCommand::Reset(_)
+                            | SessionCommand::ResetAll),
+                        ) => set = Some(Box::new(cmd)),
+                        Some(SessionCommand::DiscardAll | SessionCommand::DeallocateAll) => {
+                            // The server forgets its statements; so must we.
+                            srv.statements.clear();
+                            srv.applied.clear();
+                        }
+                        Some(SessionCommand::Pin(what)) => self.pin(what),
+                        _ => {}
+                    }
+                }
+                self.out.extend_from_slice(frame);
+                self.expect.push_back(Expect::Ready {
+                    swallow: false,
+                    start: now,
+                    qtype: self.cur_qtype,
+                    set,
+                });
+            }
+            b'P' => {
+                self.open_extended = true;
+                let named = body.first().is_some_and(|&b| b != 0);
+                if !(named && rewrites) {
+                    let mut r = body;
+                    let _ = take_cstr(&mut r);
+                    let sql = take_cstr(&mut r).unwrap_or("");
+                    self.cur_qtype = query_type(sql);
+                    if rewrites {
+                        if let Some(SessionCommand::Pin(what)) = prepared::advisory(sql) {
+                            self.pin(what);
+                        }
+                    }
+                    self.out.extend_from_slice(frame);
+                    self.expect.push_back(Expect::Parse {
+                        swallow: false,
+                        hash: None,
+                        client: None,
+                    });
+                    return;
+                }
+                let Some((client_name, p)) = prepared::from_parse(body) else {
+                    // Malformed: let the server say so.
+                    self.out.extend_from_slice(frame);
+                    self.expect.push_back(Expect::Parse {
+                        swallow: false,
+                        hash: None,
+                        client: None,
+                    });
+                    return;
+                };
+                if let Some(SessionCommand::Pin(what)) = prepared::advisory(&p.query) {
+                    self.pin(what);
+                }
+                self.cur_qtype = p.qtype;
+                let p = match self.statements.get(&client_name) {
+                    Some(old) if old.hash == p.hash => old.clone(),
+                    _ => Arc::new(p),
+                };
+                self.statements.insert(client_name.clone(), p.clone());
+                if srv.statements.touch(p.hash) {
+                    self.expect.push_back(Expect::Synth(b'1'));
+                } else {
+                    self.prepare_on_server(srv, &p, false, Some(client_name));
+                }
+            }
+            b'B' | b'D' | b'C' => {
+                self.open_extended = true;
+                let stmt = self.statement_ref(t, body);
+                match stmt {
+                    Some(p) if t == b'C' => {
+                        // Other clients may share the server-side statement: forget it here, answer here.
+                        let name = client_stmt_name(body).unwrap_or_default();
+                        self.statements.remove(&name);
+                        let _ = p;
+                        self.expect.push_back(Expect::Synth(b'3'));
+                    }
+                    Some(p) => {
+                        if !srv.statements.touch(p.hash) {
+                            self.prepare_on_server(srv, &p, true, None);
+                        }
+                        if t == b'B' {
+                            self.cur_qtype = p.qtype;
+                            prepared::rewrite_bind(&mut self.out, body, &p.name);
+                            self.expect.push_back(Expect::Bind);
+                        } else {
+                            prepared::statement_message(&mut self.out, b'D', &p.name);
+                            self.expect.push_back(Expect::Describe);
+                        }
+                    }
+                    None => {
+                        self.out.extend_from_slice(frame);
+                        self.expect.push_back(match t {
+                            b'B' => Expect::Bind,
+                            b'D' => Expect::Describe,
+                            _ => Expect::Close { swallow: false },
+                        });
+                    }
+                }
+            }
+            b'E' => {
+                self.open_extended = true;
+                self.out.extend_from_slice(frame);
+                self.expect.push_back(Expect::Execute);
+            }
+            b'S' => {
+                self.open_extended = false;
+                self.out.extend_from_slice(frame);
+                self.expect.push_back(Expect::Ready {
+                    swallow: false,
+                    start: now,
+                    qtype: self.cur_qtype,
+                    set: None,
+                });
+            }
+            b'F' => {
+                self.out.extend_from_slice(frame);
+                self.expect.push_back(Expect::Ready {
+                    swallow: false,
+                    start: now,
+                    qtype: QueryType::Other,
+                    set: None,
+                });
+            }
+            // Flush and COPY data get no answer of their own.
+            _ => self.out.extend_from_slice(frame),
+        }
+    }
+
+    /// The client's named statement a Bind, Describe or Close refers to (None for unnamed, portals, unknown names).
+    fn statement_ref(&self, t: u8, body: &[u8]) -> Option<Arc<Prepared>> {
+        if !self.rewrites() {
+            return None;
+        }
+        let name = match t {
+            b'B' => {
+                let mut r = body;
+                take_cstr(&mut r)?;
+                take_cstr(&mut r)?
+            }
+            _ => {
+                if body.first() != Some(&b'S') {
+                    return None;
+                }
+                let mut r = &body[1..];
+                take_cstr(&mut r)?
+            }
+        };
+        if name.is_empty() {
+            return None;
+        }
+        self.statements.get(name).cloned()
+    }
+
+    /// Writes the Parse for `p` (closing an evicted statement first if the server is full).
+    fn prepare_on_server(
+        &mut self,
+        srv: &mut PooledConn,
+        p: &Prepared,
+        swallow: bool,
+        client: Option<String>,
+    ) {
+        if let Some(victim) = srv.statements.insert(p.hash, self.max_prepared) {
+            prepared::statement_message(&mut self.out, b'C', &prepared::server_name(victim));
+            self.expect.push_back(Expect::Close { swallow: true });
+        }
+        self.out.extend_from_slice(&p.parse);
+        self.expect.push_back(Expect::Parse {
+            swallow,
+            hash: Some(p.hash),
+            client,
+        });
+    }
+
+    fn pin(&mut self, what: &'static str) {
+        if self.pinned.is_none() && self.mode == PoolMode::Transaction {
+            debug!(client = %self.info.addr, feature = what, "client pinned to its server");
+            self.pinned = Some(what);
+        }
+    }
+
+    /// Answers DEALLOCATE/DISCARD ALL/PREPARE without a server when nothing is in flight. Returns whether it did.
+    fn answer_locally(&mut self, wbuf: &mut BytesMut, body: &[u8], status: u8) -> bool {
+        let sql = protocol::query_text(body);
+        let (tag, err) = match prepared::classify(sql) {
+            Some(SessionCommand::Deallocate(name)) => {
+                if self.statements.remove(&name).is_none() {
+                    ("", Some(format!("prepared statement \"{name}\" does not exist")))
+                } else {
+                    ("DEALLOCATE", None)
+                }
+            }
+            Some(SessionCommand::DeallocateAll) => {
+                self.statements.clear();
+                ("DEALLOCATE ALL", None)
+            }
+            Some(SessionCommand::DiscardAll) => {
+                self.statements.clear();
+                self.params.clear();
+                ("DISCARD ALL", None)
+            }
+            Some(SessionCommand::Prepare) => (
+                "",
+                Some("SQL PREPARE is not supported in transaction pooling mode: use protocol-level prepared statements (every driver's default), or session mode".to_string()),
+            ),
+            _ => return false,
+        };
+        match err {
+            Some(m) => protocol::error_response(wbuf, "ERROR", sqlstate::FEATURE_NOT_SUPPORTED, &m),
+            None => protocol::command_complete(wbuf, tag),
+        }
+        protocol::ready_for_query(wbuf, status);
+        true
+    }
+
+    /// Emits made-up answers that are now at the head of the queue.
+    fn flush_synth(&mut self, conn: &mut ClientConn) {
+        while let Some(Expect::Synth(m)) = self.expect.front() {
+            conn.wbuf.put_u8(*m);
+            conn.wbuf.put_i32(4);
+            self.expect.pop_front();
+        }
+    }
+
+    /// Gets a server for this client and brings its settings in line (an injected SET/RESET, its answer dropped).
+    async fn link(&mut self, now: Instant) -> Result<PooledConn> {
         self.info
             .set_state(ClientState::Waiting, self.shared.micros(now));
         while self.shared.paused.load(Ordering::Acquire) || self.pool.paused.load(Ordering::Acquire)
@@ -361,13 +632,15 @@ impl Session {
             }
         };
         if let Some(sql) = settings_sync(&srv, &self.params) {
-            // Written before the client's frames so its statements run with its own settings.
-            let mut pre = BytesMut::with_capacity(sql.len() + 8 + self.out.len());
-            protocol::query(&mut pre, &sql);
-            pre.extend_from_slice(&self.out);
-            self.out = pre;
-            self.swallow += 1;
-            note_applied(&mut srv, &self.params);
+            protocol::query(&mut self.out, &sql);
+            self.expect.push_back(Expect::Ready {
+                swallow: true,
+                start: now,
+                qtype: QueryType::Other,
+                set: None,
+            });
+            srv.applied.clear();
+            srv.applied.extend(self.params.iter().cloned());
         }
         *self.info.linked.lock() = Some(CancelTarget {
             target: srv.target.clone(),
@@ -378,7 +651,6 @@ impl Session {
         self.info
             .set_state(ClientState::Active, self.shared.micros(now));
         self.linked_at = Some(now);
-        let _ = conn;
         Ok(srv)
     }
 
@@ -397,20 +669,45 @@ impl Session {
         }
         self.info
             .set_state(ClientState::Idle, self.shared.micros(Instant::now()));
+        self.expect.clear();
+        self.open_extended = false;
         if !clean {
             srv.discard();
             return;
         }
+        if srv.needs_reset {
+            // "cached plan must not change result type" after DDL: drop every statement so the next use re-prepares.
+            let ok = matches!(
+                tokio::time::timeout(Duration::from_secs(5), srv.execute("DEALLOCATE ALL")).await,
+                Ok(Ok(()))
+            );
+            if !ok {
+                srv.discard();
+                return;
+            }
+            srv.statements.clear();
+            srv.needs_reset = false;
+        }
         let reset = {
             let cfg = self.shared.config.load();
             let q = &cfg.proxy.server_reset_query;
-            (!q.is_empty()
-                && (self.mode == PoolMode::Session || cfg.proxy.server_reset_query_always))
-                .then(|| q.clone())
+            let wanted = self.mode == PoolMode::Session
+                || self.pinned.is_some()
+                || cfg.proxy.server_reset_query_always;
+            (!q.is_empty() && wanted).then(|| q.clone())
         };
         if let Some(q) = reset {
-            match tokio::time::timeout(Duration::from_secs(5), srv.execute(&q)).await {
-                Ok(Ok(())) => srv.applied_reset(),
+            let r = async {
+                if self.pinned.is_some() {
+                    srv.execute("select pg_advisory_unlock_all()").await?;
+                }
+                srv.execute(&q).await
+            };
+            match tokio::time::timeout(Duration::from_secs(5), r).await {
+                Ok(Ok(())) => {
+                    srv.applied.clear();
+                    srv.statements.clear();
+                }
                 _ => {
                     srv.discard();
                     return;
@@ -421,29 +718,35 @@ impl Session {
     }
 
     /// Tells the client its batch could not get a server: an error, then ReadyForQuery for each pending sync.
-    async fn refuse_batch(&mut self, conn: &mut ClientConn, e: &Error) -> Result<()> {
-        let (code, msg) = match e {
-            Error::Timeout(what) => (
-                sqlstate::CANNOT_CONNECT,
-                format!("pgrelay: {what}: no server connection available"),
-            ),
-            other => (
-                sqlstate::CANNOT_CONNECT,
-                format!("pgrelay: could not get a server connection: {other}"),
-            ),
+    async fn refuse_batch(&mut self, conn: &mut ClientConn, e: &Error, rest: &[u8]) -> Result<()> {
+        let msg = match e {
+            Error::Timeout(what) => format!("pgrelay: {what}: no server connection available"),
+            other => format!("pgrelay: could not get a server connection: {other}"),
         };
         info!(client = %conn.addr, db = %self.info.database, error = %e, "no server for client");
         self.pool.stats.errors.fetch_add(1, Ordering::Relaxed);
+        // Everything the client sent in this batch is dropped; each Sync/Query in it gets its ReadyForQuery.
+        let mut syncs = 0;
+        let mut r = rest;
+        while let Ok(Some((t, len))) = protocol::frame_header(r, usize::MAX) {
+            if r.len() < len {
+                break;
+            }
+            if matches!(t, b'S' | b'Q' | b'F') {
+                syncs += 1;
+            }
+            r = &r[len..];
+        }
+        conn.rbuf.clear();
         self.out.clear();
-        protocol::error_response(&mut conn.wbuf, "ERROR", code, &msg);
-        let pending = self.inflight.len();
-        self.inflight.clear();
+        self.expect.clear();
         self.open_extended = false;
-        if pending == 0 {
+        protocol::error_response(&mut conn.wbuf, "ERROR", sqlstate::CANNOT_CONNECT, &msg);
+        if syncs == 0 {
             conn.flush().await?;
             return Err(Error::Pool(msg));
         }
-        for _ in 0..pending {
+        for _ in 0..syncs {
             protocol::ready_for_query(&mut conn.wbuf, b'I');
         }
         conn.flush().await
@@ -476,6 +779,7 @@ impl Session {
                 Ok(None) => break,
                 Err(e) => return Err(Error::ServerProtocol(e.to_string())),
             };
+            let dropped = self.dropping();
             let have = srv.rbuf.len();
             if have < len {
                 let must_read = matches!(t, b'Z' | b'E' | b'S');
@@ -483,41 +787,62 @@ impl Session {
                     srv.rbuf.reserve(len - have);
                     break;
                 }
-                let drop = self.swallow > 0;
-                if !drop {
+                // Only row data and the like get this big; they never end an expectation.
+                if !dropped {
                     conn.wbuf.extend_from_slice(&srv.rbuf[..have]);
                 }
                 srv.rbuf.advance(have);
                 self.server_skip = len - have;
-                self.server_skip_drop = drop;
+                self.server_skip_drop = dropped;
                 break;
             }
-            let dropped = self.swallow > 0;
+            let mut forward = !dropped;
             match t {
                 b'Z' => {
                     let status = srv.rbuf[5];
                     srv.tx_status = status;
-                    if dropped {
-                        self.swallow -= 1;
-                    } else {
-                        saw_ready = true;
-                        let now = *now.get_or_insert_with(Instant::now);
-                        if let Some(q) = self.inflight.pop_front() {
-                            let d = now.saturating_duration_since(q.start);
-                            self.pool.metrics.record_query(q.qtype, d);
-                            self.pool.stats.query_count.fetch_add(1, Ordering::Relaxed);
-                            self.pool
-                                .stats
-                                .query_time_us
-                                .fetch_add(d.as_micros() as u64, Ordering::Relaxed);
+                    // Everything up to the Ready is answered by now.
+                    loop {
+                        match self.expect.pop_front() {
+                            Some(Expect::Ready {
+                                swallow,
+                                start,
+                                qtype,
+                                set,
+                            }) => {
+                                forward = !swallow;
+                                if !swallow {
+                                    saw_ready = true;
+                                    let now = *now.get_or_insert_with(Instant::now);
+                                    let d = now.saturating_duration_since(start);
+                                    self.pool.metrics.record_query(qtype, d);
+                                    self.pool.stats.query_count.fetch_add(1, Ordering::Relaxed);
+                                    self.pool
+                                        .stats
+                                        .query_time_us
+                                        .fetch_add(d.as_micros() as u64, Ordering::Relaxed);
+                                    if let Some(cmd) = set {
+                                        if !self.saw_error {
+                                            self.apply_session_command(srv, *cmd);
+                                        }
+                                    }
+                                }
+                                break;
+                            }
+                            Some(_) => continue,
+                            None => break,
                         }
-                        match self.inflight.front() {
-                            Some(q) => self
-                                .info
-                                .query_start_us
-                                .store(self.shared.micros(q.start), Ordering::Relaxed),
-                            None => self.info.query_start_us.store(0, Ordering::Relaxed),
-                        }
+                    }
+                    self.saw_error = false;
+                    match self.expect.iter().find_map(|e| match e {
+                        Expect::Ready { start, .. } => Some(*start),
+                        _ => None,
+                    }) {
+                        Some(s) => self
+                            .info
+                            .query_start_us
+                            .store(self.shared.micros(s), Ordering::Relaxed),
+                        None => self.info.query_start_us.store(0, Ordering::Relaxed),
                     }
                 }
                 b'E' => {
@@ -525,23 +850,53 @@ impl Session {
                     if f.severity == "FATAL" || f.severity == "PANIC" {
                         fatal = true;
                     }
-                    if dropped {
-                        warn!(client = %conn.addr, code = %f.code, error = %f.message, "applying client settings on server failed");
-                    } else {
+                    self.saw_error = true;
+                    // An injected Parse that fails is the client's error too (its Bind will be skipped); a failed
+                    // injected SET or Close is pgrelay's own business.
+                    forward = !matches!(
+                        self.expect.front(),
+                        Some(Expect::Ready { swallow: true, .. })
+                            | Some(Expect::Close { swallow: true })
+                    );
+                    if forward {
                         self.pool.stats.errors.fetch_add(1, Ordering::Relaxed);
                         self.pool.metrics.errors.increment(1);
+                    } else {
+                        warn!(client = %conn.addr, code = %f.code, error = %f.message, "statement injected by pgrelay failed");
+                    }
+                    if f.message
+                        .contains("cached plan must not change result type")
+                    {
+                        srv.needs_reset = true;
+                    }
+                    self.on_error(srv);
+                }
+                b'1' => {
+                    if let Some(Expect::Parse { swallow, .. }) = self.expect.front() {
+                        forward = !*swallow;
+                        self.expect.pop_front();
                     }
                 }
+                b'2' => self.pop_if(|e| matches!(e, Expect::Bind)),
+                b'3' => {
+                    if let Some(Expect::Close { swallow }) = self.expect.front() {
+                        forward = !*swallow;
+                        self.expect.pop_front();
+                    }
+                }
+                b'T' | b'n' => self.pop_if(|e| matches!(e, Expect::Describe)),
+                b'C' | b'I' | b's' => self.pop_if(|e| matches!(e, Expect::Execute)),
                 b'S' => {
                     let body = srv.rbuf[5..len].to_vec();
                     srv.note_parameter(&body);
                 }
                 _ => {}
             }
-            if !dropped {
+            if forward {
                 conn.wbuf.extend_from_slice(&srv.rbuf[..len]);
             }
             srv.rbuf.advance(len);
+            self.flush_synth(conn);
         }
         if !conn.wbuf.is_empty() {
             self.pool
@@ -556,7 +911,7 @@ impl Session {
                 message: "server sent FATAL".into(),
             });
         }
-        if !saw_ready || !self.inflight.is_empty() {
+        if !saw_ready || !self.expect.is_empty() {
             return Ok(false);
         }
         let status = srv.tx_status;
@@ -575,11 +930,89 @@ impl Session {
                 .store(self.shared.micros(Instant::now()), Ordering::Relaxed);
             return Ok(false);
         }
-        if self.mode == PoolMode::Session && self.close_at_boundary.is_none() {
+        if (self.mode == PoolMode::Session || self.pinned.is_some())
+            && self.close_at_boundary.is_none()
+        {
             return Ok(false);
         }
         Ok(self.at_boundary(srv))
     }
+
+    /// True while the answer at the head of the queue belongs to something the proxy injected.
+    fn dropping(&self) -> bool {
+        matches!(
+            self.expect.front(),
+            Some(Expect::Ready { swallow: true, .. })
+                | Some(Expect::Parse { swallow: true, .. })
+                | Some(Expect::Close { swallow: true })
+        )
+    }
+
+    fn pop_if(&mut self, f: impl Fn(&Expect) -> bool) {
+        if self.expect.front().is_some_and(f) {
+            self.expect.pop_front();
+        }
+    }
+
+    /// An ErrorResponse: the failing message is at the head. In the extended protocol the server now skips everything
+    /// up to the next Sync, so nothing else before that Ready will be answered (made-up answers included).
+    fn on_error(&mut self, srv: &mut PooledConn) {
+        let Some(head) = self.expect.front() else {
+            return;
+        };
+        if matches!(head, Expect::Ready { .. }) {
+            return; // a simple query: its ReadyForQuery follows
+        }
+        while let Some(e) = self.expect.front() {
+            if matches!(e, Expect::Ready { .. }) {
+                break;
+            }
+            if let Some(Expect::Parse { hash, client, .. }) = self.expect.pop_front() {
+                // A Parse that failed (or was skipped) must leave no stale mapping behind.
+                if let Some(h) = hash {
+                    srv.statements.remove(h);
+                }
+                if let Some(c) = client {
+                    self.statements.remove(&c);
+                }
+            }
+        }
+    }
+
+    /// A SET/RESET that succeeded now follows the client to other servers.
+    fn apply_session_command(&mut self, srv: &mut PooledConn, cmd: SessionCommand) {
+        match cmd {
+            SessionCommand::Set { name, value } => {
+                if value.eq_ignore_ascii_case("default") {
+                    self.params.retain(|(k, _)| !k.eq_ignore_ascii_case(&name));
+                } else if let Some(p) = self
+                    .params
+                    .iter_mut()
+                    .find(|(k, _)| k.eq_ignore_ascii_case(&name))
+                {
+                    p.1 = value;
+                } else {
+                    self.params.push((name, value));
+                }
+            }
+            SessionCommand::Reset(name) => {
+                self.params.retain(|(k, _)| !k.eq_ignore_ascii_case(&name))
+            }
+            SessionCommand::ResetAll => self.params.clear(),
+            _ => return,
+        }
+        srv.applied.clear();
+        srv.applied.extend(self.params.iter().cloned());
+    }
+}
+
+fn buf_owned(b: &BytesMut) -> Vec<u8> {
+    b.to_vec()
+}
+
+fn client_stmt_name(close_body: &[u8]) -> Option<String> {
+    let mut r = close_body.get(1..)?;
+    take_cstr(&mut r).map(str::to_string)
 }
 
 /// The SET/RESET statement that makes a server's settings match a client's, if any differ.
@@ -589,14 +1022,10 @@ fn settings_sync(srv: &crate::server::ServerConn, wanted: &[(String, String)]) -
         let applied = srv.applied.iter().find(|(n, _)| n.eq_ignore_ascii_case(k));
         let same = match applied {
             Some((_, av)) => av == v,
-            None => srv.param(k) == Some(v.as_str()),
+            None => srv.param(k).map(protocol::quote_literal).as_deref() == Some(v.as_str()),
         };
         if !same {
-            sql.push_str(&format!(
-                "SET {} = {};",
-                protocol::quote_ident(k),
-                protocol::quote_literal(v)
-            ));
+            sql.push_str(&format!("SET {} = {};", protocol::quote_ident(k), v));
         }
     }
     for (k, _) in &srv.applied {
@@ -605,15 +1034,4 @@ fn settings_sync(srv: &crate::server::ServerConn, wanted: &[(String, String)]) -
         }
     }
     (!sql.is_empty()).then_some(sql)
-}
-
-/// Records that a server now carries exactly the client's settings.
-fn note_applied(srv: &mut crate::server::ServerConn, wanted: &[(String, String)]) {
-    srv.applied.clear();
-    srv.applied.extend(wanted.iter().cloned());
-    debug!(
-        server = srv.id,
-        settings = srv.applied.len(),
-        "client settings applied"
-    );
 }
