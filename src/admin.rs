@@ -21,30 +21,19 @@ fn s<T: ToString>(v: T) -> Option<String> {
 }
 
 fn ts(t: SystemTime) -> String {
-    let secs = t
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    let secs = t.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     humantime::format_rfc3339_seconds(UNIX_EPOCH + std::time::Duration::from_secs(secs)).to_string()
 }
 
 /// Serves an admin-console session for an already authenticated user.
-pub async fn serve(
-    shared: Arc<Shared>,
-    mut conn: ClientConn,
-    user: String,
-    _params: Vec<(String, String)>,
-) {
+pub async fn serve(shared: Arc<Shared>, mut conn: ClientConn, user: String, _params: Vec<(String, String)>) {
     let cfg = shared.config.load_full();
     let is_admin = cfg.auth.admin_users.iter().any(|u| u == &user);
     let is_stats = cfg.auth.stats_users.iter().any(|u| u == &user);
     if !is_admin && !is_stats {
         warn!(client = %conn.addr, user = %user, "admin console refused: not in admin_users or stats_users");
-        conn.fatal(
-            sqlstate::INVALID_AUTHORIZATION,
-            "admin console access denied: user is not in auth.admin_users",
-        )
-        .await;
+        conn.fatal(sqlstate::INVALID_AUTHORIZATION, "admin console access denied: user is not in auth.admin_users")
+            .await;
         return;
     }
     protocol::authentication(&mut conn.wbuf, Authentication::Ok);
@@ -113,11 +102,7 @@ pub async fn serve(
                 }
             }
             _ => {
-                conn.fatal(
-                    sqlstate::PROTOCOL_VIOLATION,
-                    "invalid frontend message type",
-                )
-                .await;
+                conn.fatal(sqlstate::PROTOCOL_VIOLATION, "invalid frontend message type").await;
                 return;
             }
         }
@@ -125,32 +110,17 @@ pub async fn serve(
 }
 
 /// Runs one admin statement, writing its result into the client's buffer. Returns true when the session must end.
-async fn run_command(
-    shared: &Arc<Shared>,
-    conn: &mut ClientConn,
-    sql: &str,
-    is_admin: bool,
-) -> bool {
+async fn run_command(shared: &Arc<Shared>, conn: &mut ClientConn, sql: &str, is_admin: bool) -> bool {
     let text = sql.trim().trim_end_matches(';').trim();
-    let words: Vec<String> = text
-        .split_whitespace()
-        .map(|w| w.to_ascii_uppercase())
-        .collect();
-    let arg = text
-        .split_whitespace()
-        .nth(1)
-        .map(|a| a.trim_matches('"').to_string());
+    let words: Vec<String> = text.split_whitespace().map(|w| w.to_ascii_uppercase()).collect();
+    let arg = text.split_whitespace().nth(1).map(|a| a.trim_matches('"').to_string());
     let words: Vec<&str> = words.iter().map(String::as_str).collect();
     if words.is_empty() {
         protocol::empty_query(&mut conn.wbuf);
         return false;
     }
     if words[0] != "SHOW" && !is_admin {
-        error(
-            conn,
-            sqlstate::INVALID_AUTHORIZATION,
-            "admin access needed (user is only in auth.stats_users)",
-        );
+        error(conn, sqlstate::INVALID_AUTHORIZATION, "admin access needed (user is only in auth.stats_users)");
         return false;
     }
     let rows: Option<Rows> = match words.as_slice() {
@@ -161,19 +131,12 @@ async fn run_command(
             "SERVERS" => Some(show_servers(shared)),
             "DATABASES" => Some(show_databases(shared)),
             "CONFIG" => Some(show_config(shared)),
-            "VERSION" => Some((
-                vec!["version"],
-                vec![vec![s(format!("pgrelay {}", env!("CARGO_PKG_VERSION")))]],
-            )),
+            "VERSION" => Some((vec!["version"], vec![vec![s(format!("pgrelay {}", env!("CARGO_PKG_VERSION")))]])),
             "LISTS" => Some(show_lists(shared)),
             "CLUSTER" => Some(show_cluster(shared)),
             "HELP" => Some((vec!["command"], HELP.iter().map(|h| vec![s(h)]).collect())),
             _ => {
-                error(
-                    conn,
-                    sqlstate::SYNTAX_ERROR,
-                    &format!("unknown SHOW command: {what}; try SHOW HELP"),
-                );
+                error(conn, sqlstate::SYNTAX_ERROR, &format!("unknown SHOW command: {what}; try SHOW HELP"));
                 return false;
             }
         },
@@ -190,17 +153,10 @@ async fn run_command(
         ["RELOAD"] => {
             match shared.reload() {
                 Ok(diff) => {
-                    info!(
-                        changes = diff.changes.len(),
-                        "config reloaded from admin console"
-                    );
+                    info!(changes = diff.changes.len(), "config reloaded from admin console");
                     protocol::command_complete(&mut conn.wbuf, "RELOAD");
                 }
-                Err(e) => error(
-                    conn,
-                    sqlstate::INTERNAL,
-                    &format!("reload failed, old config kept: {e}"),
-                ),
+                Err(e) => error(conn, sqlstate::INTERNAL, &format!("reload failed, old config kept: {e}")),
             }
             None
         }
@@ -209,10 +165,7 @@ async fn run_command(
             let mut n = 0;
             for c in shared.clients.iter() {
                 if c.database == db {
-                    c.kill(
-                        sqlstate::ADMIN_SHUTDOWN,
-                        "closed by KILL from the admin console".into(),
-                    );
+                    c.kill(sqlstate::ADMIN_SHUTDOWN, "closed by KILL from the admin console".into());
                     n += 1;
                 }
             }
@@ -232,11 +185,7 @@ async fn run_command(
             return true;
         }
         _ => {
-            error(
-                conn,
-                sqlstate::SYNTAX_ERROR,
-                &format!("unknown admin command: {text}; try SHOW HELP"),
-            );
+            error(conn, sqlstate::SYNTAX_ERROR, &format!("unknown admin command: {text}; try SHOW HELP"));
             return false;
         }
     };
@@ -423,16 +372,8 @@ fn show_clients(shared: &Shared) -> Rows {
         .iter()
         .map(|c| {
             let since = c.state_since_us.load(Ordering::Relaxed);
-            let waited = if c.state() == crate::state::ClientState::Waiting {
-                now_us.saturating_sub(since)
-            } else {
-                0
-            };
-            let link = c
-                .linked
-                .lock()
-                .as_ref()
-                .map(|l| format!("{:x}", l.server_id));
+            let waited = if c.state() == crate::state::ClientState::Waiting { now_us.saturating_sub(since) } else { 0 };
+            let link = c.linked.lock().as_ref().map(|l| format!("{:x}", l.server_id));
             vec![
                 s("C"),
                 s(&c.user),
@@ -521,23 +462,12 @@ fn show_databases(shared: &Shared) -> Rows {
     for (name, db) in &cfg.databases {
         let st = cfg.pool_settings(db);
         let route = shared.route(name).and_then(|r| r.borrow().target.clone());
-        let current: usize = shared
-            .pools
-            .iter()
-            .filter(|p| &p.key.database == name)
-            .map(|p| p.counts().total)
-            .sum();
+        let current: usize = shared.pools.iter().filter(|p| &p.key.database == name).map(|p| p.counts().total).sum();
         let paused = shared.paused.load(Ordering::Relaxed)
-            || shared
-                .pools
-                .iter()
-                .any(|p| &p.key.database == name && p.paused.load(Ordering::Relaxed));
+            || shared.pools.iter().any(|p| &p.key.database == name && p.paused.load(Ordering::Relaxed));
         rows.push(vec![
             s(name),
-            route
-                .as_ref()
-                .map(|t| t.host.clone())
-                .or_else(|| db.patroni.as_ref().map(|p| format!("patroni:{p}"))),
+            route.as_ref().map(|t| t.host.clone()).or_else(|| db.patroni.as_ref().map(|p| format!("patroni:{p}"))),
             route.as_ref().map(|t| t.port.to_string()),
             s(db.dbname.clone().unwrap_or_else(|| name.clone())),
             db.user.clone(),
@@ -556,19 +486,13 @@ fn show_databases(shared: &Shared) -> Rows {
 
 fn show_config(shared: &Shared) -> Rows {
     let cfg = shared.config.load();
-    let defaults: std::collections::HashMap<String, String> = crate::config::Config::default()
-        .flatten()
-        .into_iter()
-        .collect();
+    let defaults: std::collections::HashMap<String, String> =
+        crate::config::Config::default().flatten().into_iter().collect();
     let rows = cfg
         .flatten()
         .into_iter()
         .map(|(k, v)| {
-            let changeable = if crate::config::RESTART_KEYS.contains(&k.as_str()) {
-                "no"
-            } else {
-                "yes"
-            };
+            let changeable = if crate::config::RESTART_KEYS.contains(&k.as_str()) { "no" } else { "yes" };
             let d = defaults.get(&k).cloned();
             vec![s(k), s(v), d, s(changeable)]
         })
@@ -610,12 +534,7 @@ fn show_cluster(shared: &Shared) -> Rows {
         let v = c.value().borrow().clone();
         for m in &v.members {
             let routed = v.leader.as_ref().is_some_and(|l| l.name == m.name);
-            let since = if routed {
-                v.changed
-                    .map(|t| format!("{:.1}s ago", t.elapsed().as_secs_f64()))
-            } else {
-                None
-            };
+            let since = if routed { v.changed.map(|t| format!("{:.1}s ago", t.elapsed().as_secs_f64())) } else { None };
             rows.push(vec![
                 s(c.key()),
                 s(&m.name),

@@ -33,11 +33,7 @@ pub fn build(cfg: Config, config_path: PathBuf) -> Result<Arc<Shared>, String> {
 
 /// Binds the client listener (SO_REUSEADDR and SO_REUSEPORT, so a new binary can bind beside an old one).
 pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    let sock = socket2::Socket::new(
-        socket2::Domain::for_address(addr),
-        socket2::Type::STREAM,
-        None,
-    )?;
+    let sock = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
     sock.set_reuse_address(true)?;
     sock.set_reuse_port(true)?;
     sock.set_nonblocking(true)?;
@@ -62,6 +58,9 @@ pub async fn run(shared: Arc<Shared>, listener: TcpListener) -> std::io::Result<
             }
         }
     }
+    if let Some(log) = &cfg.slow_query.log {
+        shared.observer.slow.start_writer(cfg.resolve(log));
+    }
     start_patroni(&shared);
     tokio::spawn(janitor(shared.clone()));
     let stop = tokio::spawn(signals(shared.clone()));
@@ -80,11 +79,7 @@ pub async fn run(shared: Arc<Shared>, listener: TcpListener) -> std::io::Result<
         }
     }
     drop(listener);
-    let how = if stop.is_finished() {
-        stop.await.unwrap_or(Stop::Drain)
-    } else {
-        Stop::Drain
-    };
+    let how = if stop.is_finished() { stop.await.unwrap_or(Stop::Drain) } else { Stop::Drain };
     if how == Stop::Fast {
         info!("exiting now (SIGINT)");
         return Ok(());
@@ -115,16 +110,8 @@ fn start_patroni(shared: &Arc<Shared>) {
             }
         }
         shared.clusters.insert(name.clone(), rx.clone());
-        let counter = shared
-            .metrics
-            .counter("pgrelay_leader_changes_total", &[("cluster", name.clone())]);
-        tokio::spawn(routing::follow_cluster(
-            name.clone(),
-            rx,
-            senders,
-            counter,
-            shared.shutdown.clone(),
-        ));
+        let counter = shared.metrics.counter("pgrelay_leader_changes_total", &[("cluster", name.clone())]);
+        tokio::spawn(routing::follow_cluster(name.clone(), rx, senders, counter, shared.shutdown.clone()));
         info!(cluster = %name, endpoints = ?pc.endpoints, "following patroni cluster");
     }
 }
@@ -143,11 +130,8 @@ fn accept(shared: &Arc<Shared>, tracker: &TaskTracker, sock: TcpStream, addr: So
                 "no more connections allowed (max_client_conn)",
             );
             let mut sock = sock;
-            let _ = tokio::time::timeout(
-                Duration::from_secs(1),
-                tokio::io::AsyncWriteExt::write_all(&mut sock, &b),
-            )
-            .await;
+            let _ =
+                tokio::time::timeout(Duration::from_secs(1), tokio::io::AsyncWriteExt::write_all(&mut sock, &b)).await;
             shared.client_count.fetch_sub(1, Ordering::AcqRel);
             info!(client = %addr, max, "refused client: max_client_conn reached");
         });
@@ -161,11 +145,9 @@ fn accept(shared: &Arc<Shared>, tracker: &TaskTracker, sock: TcpStream, addr: So
 
 /// Waits for SIGHUP (reload), SIGTERM (drain) and SIGINT (fast exit).
 async fn signals(shared: Arc<Shared>) -> Stop {
-    let (Ok(mut hup), Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::hangup()),
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
+    let (Ok(mut hup), Ok(mut term), Ok(mut int)) =
+        (signal(SignalKind::hangup()), signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
+    else {
         error!("cannot install signal handlers");
         return Stop::Drain;
     };
@@ -209,10 +191,7 @@ async fn drain(shared: &Arc<Shared>, tracker: &TaskTracker) {
     }
     let left = shared.clients.len();
     if left > 0 {
-        warn!(
-            clients = left,
-            "shutdown_timeout reached; closing remaining clients"
-        );
+        warn!(clients = left, "shutdown_timeout reached; closing remaining clients");
     }
     for p in shared.pools.iter() {
         p.drop_idle();
@@ -248,11 +227,7 @@ async fn janitor(shared: Arc<Shared>) {
 fn client_timeouts(shared: &Arc<Shared>) {
     let cfg = shared.config.load();
     let p = &cfg.proxy;
-    let (qt, itx, cidle) = (
-        p.query_timeout.get(),
-        p.idle_transaction_timeout.get(),
-        p.client_idle_timeout.get(),
-    );
+    let (qt, itx, cidle) = (p.query_timeout.get(), p.idle_transaction_timeout.get(), p.client_idle_timeout.get());
     if qt.is_none() && itx.is_none() && cidle.is_none() {
         return;
     }
@@ -264,10 +239,7 @@ fn client_timeouts(shared: &Arc<Shared>) {
             let q = c.query_start_us.load(Ordering::Relaxed);
             if q != 0 && now.saturating_sub(q) > qt.as_micros() as u64 {
                 // Mark it so the cancel goes out once; the server answers the client with 57014.
-                if c.query_start_us
-                    .compare_exchange(q, u64::MAX, Ordering::AcqRel, Ordering::Relaxed)
-                    .is_ok()
-                {
+                if c.query_start_us.compare_exchange(q, u64::MAX, Ordering::AcqRel, Ordering::Relaxed).is_ok() {
                     info!(client = %c.addr, db = %c.database, "query_timeout: cancelling query");
                     let c = c.clone();
                     tokio::spawn(async move { crate::client::cancel_client(&c).await });
@@ -275,14 +247,9 @@ fn client_timeouts(shared: &Arc<Shared>) {
             }
         }
         if let Some(t) = itx {
-            if c.idle_in_tx.load(Ordering::Relaxed)
-                && now.saturating_sub(since) > t.as_micros() as u64
-            {
+            if c.idle_in_tx.load(Ordering::Relaxed) && now.saturating_sub(since) > t.as_micros() as u64 {
                 c.idle_in_tx.store(false, Ordering::Relaxed);
-                c.kill(
-                    sqlstate::IDLE_IN_TRANSACTION_TIMEOUT,
-                    "idle transaction timeout".into(),
-                );
+                c.kill(sqlstate::IDLE_IN_TRANSACTION_TIMEOUT, "idle transaction timeout".into());
             }
         }
         if let Some(t) = cidle {
@@ -314,10 +281,7 @@ fn pool_gauges(shared: &Shared, gauges: &mut HashMap<String, [metrics::Gauge; 5]
                 m.gauge("db_connections_total", &l("active")),
                 m.gauge("db_connections_total", &l("idle")),
                 m.gauge("db_connections_total", &l("waiting")),
-                m.gauge(
-                    "pgrelay_pool_utilization_percent",
-                    &[("database", db.clone())],
-                ),
+                m.gauge("pgrelay_pool_utilization_percent", &[("database", db.clone())]),
                 m.gauge("pgrelay_clients", &[("database", db.clone())]),
             ]
         });
@@ -331,10 +295,7 @@ fn pool_gauges(shared: &Shared, gauges: &mut HashMap<String, [metrics::Gauge; 5]
 
 /// Raises the open-files soft limit to the hard limit, so thousands of clients do not hit EMFILE.
 fn raise_fd_limit() {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: getrlimit/setrlimit only read/write the struct passed by pointer.
     unsafe {
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {

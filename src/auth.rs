@@ -152,8 +152,7 @@ fn is_printable_nonce(s: &str) -> bool {
 /// "04096", which PostgreSQL never sends; being strict keeps the parser's language small.
 fn parse_iterations(s: &str) -> Result<u32, AuthError> {
     let b = s.as_bytes();
-    if b.is_empty() || b.len() > 10 || !b.iter().all(u8::is_ascii_digit) || b.first() == Some(&b'0')
-    {
+    if b.is_empty() || b.len() > 10 || !b.iter().all(u8::is_ascii_digit) || b.first() == Some(&b'0') {
         return Err(AuthError::BadIterations);
     }
     let n: u64 = s.parse().map_err(|_| AuthError::BadIterations)?;
@@ -191,10 +190,7 @@ fn split_attr(part: &str) -> Result<(u8, &str), AuthError> {
 
 /// Checks the optional extension attributes that may trail a message. They are ignored, but they
 /// must be well-formed and must not repeat an attribute the message already defines.
-fn check_extensions<'a>(
-    parts: impl Iterator<Item = &'a str>,
-    reserved: &[u8],
-) -> Result<(), AuthError> {
+fn check_extensions<'a>(parts: impl Iterator<Item = &'a str>, reserved: &[u8]) -> Result<(), AuthError> {
     let mut seen: Vec<u8> = Vec::new();
     for part in parts {
         let (k, _) = split_attr(part)?;
@@ -240,10 +236,7 @@ fn escape_saslname(s: &str) -> String {
 
 /// Keeps error text from a server out of log-injection territory: only visible ASCII and space.
 fn sanitize_server_text(s: &str) -> String {
-    s.chars()
-        .filter(|c| c.is_ascii_graphic() || *c == ' ')
-        .take(256)
-        .collect()
+    s.chars().filter(|c| c.is_ascii_graphic() || *c == ' ').take(256).collect()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -321,12 +314,7 @@ impl ScramVerifier {
         }
         let stored_key = b64_decode_key(stored, "stored key").ok()?;
         let server_key = b64_decode_key(server, "server key").ok()?;
-        Some(ScramVerifier {
-            iterations,
-            salt,
-            stored_key,
-            server_key,
-        })
+        Some(ScramVerifier { iterations, salt, stored_key, server_key })
     }
 
     /// Builds a verifier from a plaintext password.
@@ -413,16 +401,12 @@ impl Userlist {
         let mut users = HashMap::new();
         for (idx, raw) in text.lines().enumerate() {
             let line_no = idx.saturating_add(1);
-            let err = |reason: &str| AuthError::Userlist {
-                line: line_no,
-                reason: reason.to_string(),
-            };
+            let err = |reason: &str| AuthError::Userlist { line: line_no, reason: reason.to_string() };
             let line = raw.trim_start();
             if line.is_empty() || line.starts_with(';') || line.starts_with('#') {
                 continue;
             }
-            let (user, rest) =
-                parse_quoted(line).map_err(|what| err(&format!("{what} user name")))?;
+            let (user, rest) = parse_quoted(line).map_err(|what| err(&format!("{what} user name")))?;
             if user.is_empty() {
                 return Err(err("empty user name"));
             }
@@ -434,8 +418,7 @@ impl Userlist {
                 return Err(err("missing password field"));
             }
             // Only the structure of the password field is reported, never its content.
-            let (password, _extra) =
-                parse_quoted(rest).map_err(|what| err(&format!("{what} password")))?;
+            let (password, _extra) = parse_quoted(rest).map_err(|what| err(&format!("{what} password")))?;
             users.insert(user, Secret::parse(&password));
         }
         Ok(Userlist { users })
@@ -526,9 +509,7 @@ pub fn md5_verify(user: &str, secret: &Secret, salt: [u8; 4], client_response: &
     let Some(expected) = md5_response(user, secret, salt) else {
         return false;
     };
-    let resp = client_response
-        .strip_suffix(&[0u8])
-        .unwrap_or(client_response);
+    let resp = client_response.strip_suffix(&[0u8]).unwrap_or(client_response);
     ct_eq(expected.as_bytes(), resp)
 }
 
@@ -565,27 +546,20 @@ pub struct ClientFirst<'a> {
 /// Parses a client-first-message (the data of SASLInitialResponse).
 pub fn parse_client_first(msg: &[u8]) -> Result<ClientFirst<'_>, AuthError> {
     let s = message_str(msg)?;
-    let (flag, rest) = s
-        .split_once(',')
-        .ok_or(AuthError::Malformed("missing GS2 header"))?;
+    let (flag, rest) = s.split_once(',').ok_or(AuthError::Malformed("missing GS2 header"))?;
     let cbind_flag = match flag {
         "n" => ChannelBindingFlag::None,
         "y" => ChannelBindingFlag::ClientSupports,
         _ => match flag.strip_prefix("p=") {
             Some(name)
-                if !name.is_empty()
-                    && name
-                        .bytes()
-                        .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-') =>
+                if !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-') =>
             {
                 ChannelBindingFlag::Required(name.to_string())
             }
             _ => return Err(AuthError::Malformed("bad channel binding flag")),
         },
     };
-    let (authzid, bare) = rest
-        .split_once(',')
-        .ok_or(AuthError::Malformed("missing GS2 header"))?;
+    let (authzid, bare) = rest.split_once(',').ok_or(AuthError::Malformed("missing GS2 header"))?;
     if !authzid.is_empty() {
         if authzid.starts_with("a=") {
             return Err(AuthError::Unsupported("authorization identity (a=)"));
@@ -594,14 +568,10 @@ pub fn parse_client_first(msg: &[u8]) -> Result<ClientFirst<'_>, AuthError> {
     }
     // flag + ',' + authzid(empty) + ','
     let header_len = flag.len().saturating_add(2);
-    let gs2_header = s
-        .get(..header_len)
-        .ok_or(AuthError::Malformed("missing GS2 header"))?;
+    let gs2_header = s.get(..header_len).ok_or(AuthError::Malformed("missing GS2 header"))?;
 
     let mut parts = bare.split(',');
-    let first = parts
-        .next()
-        .ok_or(AuthError::Malformed("missing user name"))?;
+    let first = parts.next().ok_or(AuthError::Malformed("missing user name"))?;
     let (k, user) = split_attr(first)?;
     match k {
         b'n' => {}
@@ -618,13 +588,7 @@ pub fn parse_client_first(msg: &[u8]) -> Result<ClientFirst<'_>, AuthError> {
         return Err(AuthError::Malformed("nonce has non-printable characters"));
     }
     check_extensions(parts, b"nr")?;
-    Ok(ClientFirst {
-        cbind_flag,
-        gs2_header,
-        bare,
-        user,
-        nonce,
-    })
+    Ok(ClientFirst { cbind_flag, gs2_header, bare, user, nonce })
 }
 
 /// A parsed client-final-message.
@@ -655,9 +619,7 @@ pub fn parse_client_final(msg: &[u8]) -> Result<ClientFinal<'_>, AuthError> {
     let s = message_str(msg)?;
     // The proof is defined to be the last attribute; base64 and nonces cannot contain ',', so the
     // last comma separates it from the part covered by the signature.
-    let (without_proof, proof_attr) = s
-        .rsplit_once(',')
-        .ok_or(AuthError::Malformed("missing proof"))?;
+    let (without_proof, proof_attr) = s.rsplit_once(',').ok_or(AuthError::Malformed("missing proof"))?;
     let (k, proof) = split_attr(proof_attr)?;
     if k != b'p' {
         return Err(AuthError::Malformed("proof must be the last attribute"));
@@ -678,12 +640,7 @@ pub fn parse_client_final(msg: &[u8]) -> Result<ClientFinal<'_>, AuthError> {
         return Err(AuthError::Malformed("nonce has non-printable characters"));
     }
     check_extensions(parts, b"crp")?;
-    Ok(ClientFinal {
-        channel_binding,
-        nonce,
-        without_proof,
-        proof,
-    })
+    Ok(ClientFinal { channel_binding, nonce, without_proof, proof })
 }
 
 /// A parsed server-first-message.
@@ -715,21 +672,13 @@ pub fn parse_server_first(msg: &[u8]) -> Result<ServerFirst<'_>, AuthError> {
     if salt.is_empty() {
         return Err(AuthError::Malformed("empty salt"));
     }
-    let (k, iter) = split_attr(
-        parts
-            .next()
-            .ok_or(AuthError::Malformed("missing iteration count"))?,
-    )?;
+    let (k, iter) = split_attr(parts.next().ok_or(AuthError::Malformed("missing iteration count"))?)?;
     if k != b'i' {
         return Err(AuthError::Malformed("expected i= attribute"));
     }
     let iterations = parse_iterations(iter)?;
     check_extensions(parts, b"rsi")?;
-    Ok(ServerFirst {
-        nonce,
-        salt,
-        iterations,
-    })
+    Ok(ServerFirst { nonce, salt, iterations })
 }
 
 /// A parsed server-final-message.
@@ -853,23 +802,12 @@ impl ScramServer {
             Secret::Plain(p) if p.is_empty() => {
                 return Err(AuthError::Unsupported("empty password"));
             }
-            Secret::Plain(p) => {
-                ScramVerifier::from_password(p, &random_bytes(SERVER_SALT_LEN), DEFAULT_ITERATIONS)
-            }
+            Secret::Plain(p) => ScramVerifier::from_password(p, &random_bytes(SERVER_SALT_LEN), DEFAULT_ITERATIONS),
             Secret::Scram(v) if v.is_usable() => v.clone(),
             Secret::Scram(_) => return Err(AuthError::BadIterations),
-            Secret::Md5(_) => {
-                return Err(AuthError::Unsupported(
-                    "SCRAM authentication with an md5-hashed password",
-                ))
-            }
+            Secret::Md5(_) => return Err(AuthError::Unsupported("SCRAM authentication with an md5-hashed password")),
         };
-        Ok(ScramServer {
-            verifier,
-            server_nonce,
-            channel_binding: None,
-            state: ServerState::Initial,
-        })
+        Ok(ScramServer { verifier, server_nonce, channel_binding: None, state: ServerState::Initial })
     }
 
     /// client-first-message (the SASLInitialResponse data) -> server-first-message bytes.
@@ -892,18 +830,12 @@ impl ScramServer {
                 }
             }
             ChannelBindingFlag::Required(_) => {
-                return Err(AuthError::Unsupported(
-                    "channel binding (SCRAM-SHA-256-PLUS) is not supported yet",
-                ));
+                return Err(AuthError::Unsupported("channel binding (SCRAM-SHA-256-PLUS) is not supported yet"));
             }
         }
         let combined_nonce = format!("{}{}", cf.nonce, self.server_nonce);
-        let server_first = format!(
-            "r={},s={},i={}",
-            combined_nonce,
-            B64.encode(&self.verifier.salt),
-            self.verifier.iterations
-        );
+        let server_first =
+            format!("r={},s={},i={}", combined_nonce, B64.encode(&self.verifier.salt), self.verifier.iterations);
         let out = server_first.clone().into_bytes();
         self.state = ServerState::SentFirst {
             client_first_bare: cf.bare.to_string(),
@@ -918,13 +850,7 @@ impl ScramServer {
     /// constant time.
     pub fn client_final(&mut self, msg: &[u8]) -> Result<Vec<u8>, AuthError> {
         let state = std::mem::replace(&mut self.state, ServerState::Failed);
-        let ServerState::SentFirst {
-            client_first_bare,
-            server_first,
-            combined_nonce,
-            cbind_input,
-        } = state
-        else {
+        let ServerState::SentFirst { client_first_bare, server_first, combined_nonce, cbind_input } = state else {
             return Err(AuthError::State("client-final-message before client-first"));
         };
         let cf = parse_client_final(msg)?;
@@ -934,13 +860,8 @@ impl ScramServer {
         if cf.nonce != combined_nonce {
             return Err(AuthError::NonceMismatch);
         }
-        let auth_message = [
-            client_first_bare.as_bytes(),
-            b",",
-            server_first.as_bytes(),
-            b",",
-            cf.without_proof.as_bytes(),
-        ];
+        let auth_message =
+            [client_first_bare.as_bytes(), b",", server_first.as_bytes(), b",", cf.without_proof.as_bytes()];
         let client_signature = hmac_sha256(&self.verifier.stored_key, &auth_message);
         let client_key = xor32(&cf.proof, &client_signature);
         if !ct_eq(&sha256(&client_key), &self.verifier.stored_key) {
@@ -995,10 +916,7 @@ impl fmt::Debug for ScramServer {
 #[derive(Clone)]
 pub enum ScramCredential {
     Password(String),
-    Keys {
-        client_key: [u8; 32],
-        server_key: [u8; 32],
-    },
+    Keys { client_key: [u8; 32], server_key: [u8; 32] },
 }
 
 impl fmt::Debug for ScramCredential {
@@ -1059,12 +977,7 @@ impl ScramClient {
         if !is_printable_nonce(nonce) {
             return Err(AuthError::Malformed("nonce has non-printable characters"));
         }
-        Ok(ScramClient {
-            cred,
-            nonce: nonce.to_string(),
-            user: String::new(),
-            state: ClientState::Initial,
-        })
+        Ok(ScramClient { cred, nonce: nonce.to_string(), user: String::new(), state: ClientState::Initial })
     }
 
     /// Sets the user name sent in `n=`. PostgreSQL ignores it; this exists for servers and test
@@ -1102,23 +1015,13 @@ impl ScramClient {
                 let k = derive_keys(p, &sf.salt, sf.iterations);
                 (k.client_key, k.server_key)
             }
-            ScramCredential::Keys {
-                client_key,
-                server_key,
-            } => (*client_key, *server_key),
+            ScramCredential::Keys { client_key, server_key } => (*client_key, *server_key),
         };
         let without_proof = format!("c={},r={}", B64.encode(b"n,,"), sf.nonce);
         // `msg` is the server-first-message verbatim: message_str already proved it is UTF-8.
-        let server_first =
-            std::str::from_utf8(msg).map_err(|_| AuthError::Malformed("not UTF-8"))?;
+        let server_first = std::str::from_utf8(msg).map_err(|_| AuthError::Malformed("not UTF-8"))?;
         let bare = self.client_first_bare();
-        let auth_message = [
-            bare.as_bytes(),
-            b",",
-            server_first.as_bytes(),
-            b",",
-            without_proof.as_bytes(),
-        ];
+        let auth_message = [bare.as_bytes(), b",", server_first.as_bytes(), b",", without_proof.as_bytes()];
         let stored_key = sha256(&client_key);
         let client_signature = hmac_sha256(&stored_key, &auth_message);
         let proof = xor32(&client_key, &client_signature);
@@ -1154,10 +1057,7 @@ impl ScramClient {
 
 impl fmt::Debug for ScramClient {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ScramClient")
-            .field("cred", &self.cred)
-            .field("state", &self.state.name())
-            .finish()
+        f.debug_struct("ScramClient").field("cred", &self.cred).field("state", &self.state.name()).finish()
     }
 }
 
@@ -1178,7 +1078,8 @@ mod tests {
     const RFC_CLIENT_FIRST: &str = "n,,n=user,r=rOprNGfwEbeRWgbNEkqO";
     const RFC_SERVER_FIRST: &str =
         "r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,s=W22ZaJ0SNY7soEsUEjb6gQ==,i=4096";
-    const RFC_CLIENT_FINAL: &str = "c=biws,r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,p=dHzbZapWIk4jUhN+Ute9ytag9zjfMHgsqmmiz7AndVQ=";
+    const RFC_CLIENT_FINAL: &str =
+        "c=biws,r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,p=dHzbZapWIk4jUhN+Ute9ytag9zjfMHgsqmmiz7AndVQ=";
     const RFC_SERVER_FINAL: &str = "v=6rriTRBi23WpRR/wtup+mMhUZUn/dB5nLTJRsjl95G4=";
     /// The RFC 7677 credentials in PostgreSQL's rolpassword format, computed independently
     /// (Python hashlib/hmac) rather than with this module.
@@ -1212,9 +1113,7 @@ mod tests {
     #[test]
     fn rfc7677_client_side() {
         let cred = ScramCredential::Password(RFC_PASSWORD.into());
-        let mut client = ScramClient::with_nonce(cred, RFC_CLIENT_NONCE)
-            .unwrap()
-            .with_user(RFC_USER);
+        let mut client = ScramClient::with_nonce(cred, RFC_CLIENT_NONCE).unwrap().with_user(RFC_USER);
         assert_eq!(client.client_first(), RFC_CLIENT_FIRST.as_bytes());
         let fin = client.server_first(RFC_SERVER_FIRST.as_bytes()).unwrap();
         assert_eq!(String::from_utf8(fin).unwrap(), RFC_CLIENT_FINAL);
@@ -1225,13 +1124,8 @@ mod tests {
     #[test]
     fn rfc7677_client_side_with_keys() {
         let keys = derive_keys(RFC_PASSWORD, &B64.decode(RFC_SALT).unwrap(), 4096);
-        let cred = ScramCredential::Keys {
-            client_key: keys.client_key,
-            server_key: keys.server_key,
-        };
-        let mut client = ScramClient::with_nonce(cred, RFC_CLIENT_NONCE)
-            .unwrap()
-            .with_user(RFC_USER);
+        let cred = ScramCredential::Keys { client_key: keys.client_key, server_key: keys.server_key };
+        let mut client = ScramClient::with_nonce(cred, RFC_CLIENT_NONCE).unwrap().with_user(RFC_USER);
         let fin = client.server_first(RFC_SERVER_FIRST.as_bytes()).unwrap();
         assert_eq!(String::from_utf8(fin).unwrap(), RFC_CLIENT_FINAL);
         client.server_final(RFC_SERVER_FINAL.as_bytes()).unwrap();
@@ -1285,10 +1179,7 @@ mod tests {
 
         // 2. pgrelay logs in to "PostgreSQL" with the recovered keys, never seeing the password.
         let mut backend = ScramServer::new(&secret).unwrap();
-        let mut relay = ScramClient::new(ScramCredential::Keys {
-            client_key,
-            server_key: verifier.server_key,
-        });
+        let mut relay = ScramClient::new(ScramCredential::Keys { client_key, server_key: verifier.server_key });
         run_exchange(&mut backend, &mut relay).unwrap();
         assert!(backend.is_authenticated() && relay.is_authenticated());
     }
@@ -1308,24 +1199,15 @@ mod tests {
 
     #[test]
     fn client_rejects_wrong_server_signature_and_errors() {
-        let mut client = ScramClient::with_nonce(
-            ScramCredential::Password(RFC_PASSWORD.into()),
-            RFC_CLIENT_NONCE,
-        )
-        .unwrap()
-        .with_user(RFC_USER);
+        let mut client = ScramClient::with_nonce(ScramCredential::Password(RFC_PASSWORD.into()), RFC_CLIENT_NONCE)
+            .unwrap()
+            .with_user(RFC_USER);
         client.server_first(RFC_SERVER_FIRST.as_bytes()).unwrap();
         let bad = format!("v={}", B64.encode([7u8; 32]));
-        assert!(matches!(
-            client.server_final(bad.as_bytes()),
-            Err(AuthError::BadServerSignature)
-        ));
+        assert!(matches!(client.server_final(bad.as_bytes()), Err(AuthError::BadServerSignature)));
 
-        let mut client = ScramClient::with_nonce(
-            ScramCredential::Password(RFC_PASSWORD.into()),
-            RFC_CLIENT_NONCE,
-        )
-        .unwrap();
+        let mut client =
+            ScramClient::with_nonce(ScramCredential::Password(RFC_PASSWORD.into()), RFC_CLIENT_NONCE).unwrap();
         client.server_first(RFC_SERVER_FIRST.as_bytes()).unwrap();
         match client.server_final(b"e=invalid-proof") {
             Err(AuthError::ServerError(e)) => assert_eq!(e, "invalid-proof"),
@@ -1353,19 +1235,12 @@ mod tests {
         let mut s = new();
         s.client_first(b"y,,n=user,r=rOprNGfwEbeRWgbNEkqO").unwrap();
         let mut s2 = new();
-        s2.client_first(b"y,,n=user,r=rOprNGfwEbeRWgbNEkqO")
-            .unwrap();
+        s2.client_first(b"y,,n=user,r=rOprNGfwEbeRWgbNEkqO").unwrap();
         // "biws" does not match a "y,," header.
-        assert!(matches!(
-            s2.client_final(RFC_CLIENT_FINAL.as_bytes()),
-            Err(AuthError::ChannelBindingMismatch)
-        ));
+        assert!(matches!(s2.client_final(RFC_CLIENT_FINAL.as_bytes()), Err(AuthError::ChannelBindingMismatch)));
         // With "eSws" the channel binding check passes and the proof (computed for "biws") fails.
         let e_sws = RFC_CLIENT_FINAL.replace("c=biws", "c=eSws");
-        assert!(matches!(
-            s.client_final(e_sws.as_bytes()),
-            Err(AuthError::BadProof)
-        ));
+        assert!(matches!(s.client_final(e_sws.as_bytes()), Err(AuthError::BadProof)));
 
         for (msg, want_unsupported) in [
             (&b"p=tls-server-end-point,,n=,r=abc"[..], true),
@@ -1391,10 +1266,7 @@ mod tests {
             }
         }
         let big = vec![b'a'; MAX_MESSAGE_LEN + 1];
-        assert!(matches!(
-            new().client_first(&big),
-            Err(AuthError::TooLong(_))
-        ));
+        assert!(matches!(new().client_first(&big), Err(AuthError::TooLong(_))));
         // Extensions that are well-formed are ignored.
         new().client_first(b"n,,n=a=2Cb,r=abc,x=whatever").unwrap();
     }
@@ -1442,10 +1314,7 @@ mod tests {
         }
         // Out of order.
         let mut s = ScramServer::with_nonce(&secret, RFC_SERVER_NONCE).unwrap();
-        assert!(matches!(
-            s.client_final(RFC_CLIENT_FINAL.as_bytes()),
-            Err(AuthError::State(_))
-        ));
+        assert!(matches!(s.client_final(RFC_CLIENT_FINAL.as_bytes()), Err(AuthError::State(_))));
     }
 
     #[test]
@@ -1469,10 +1338,7 @@ mod tests {
         ];
         for msg in cases {
             let mut c = ScramClient::with_nonce(
-                ScramCredential::Keys {
-                    client_key: [1; 32],
-                    server_key: [2; 32],
-                },
+                ScramCredential::Keys { client_key: [1; 32], server_key: [2; 32] },
                 RFC_CLIENT_NONCE,
             )
             .unwrap();
@@ -1502,11 +1368,7 @@ mod tests {
         assert_eq!(md5_response("postgres", &plain, salt).unwrap(), want);
         assert_eq!(md5_response("postgres", &hashed, salt).unwrap(), want);
         // Uppercase hex in the stored hash still yields what a client computes.
-        let upper = Secret::Md5(
-            md5_hash("postgres", "secret")
-                .to_uppercase()
-                .replacen("MD5", "md5", 1),
-        );
+        let upper = Secret::Md5(md5_hash("postgres", "secret").to_uppercase().replacen("MD5", "md5", 1));
         assert_eq!(md5_response("postgres", &upper, salt).unwrap(), want);
 
         for s in [&plain, &hashed] {
@@ -1522,12 +1384,7 @@ mod tests {
         let scram = Secret::Scram(rfc_verifier());
         assert_eq!(md5_response("postgres", &scram, salt), None);
         assert!(!md5_verify("postgres", &scram, salt, want.as_bytes()));
-        assert!(!md5_verify(
-            "u",
-            &Secret::Plain(String::new()),
-            salt,
-            b"md5"
-        ));
+        assert!(!md5_verify("u", &Secret::Plain(String::new()), salt, b"md5"));
         assert!(ScramServer::new(&hashed).is_err());
     }
 
@@ -1554,10 +1411,7 @@ mod tests {
         assert_eq!(ul.get("dave"), Some(&Secret::Plain(String::new())));
         assert_eq!(ul.get("eve"), None);
         let dbg = format!("{ul:?}");
-        assert!(
-            !dbg.contains("plain pass") && dbg.contains("alice"),
-            "{dbg}"
-        );
+        assert!(!dbg.contains("plain pass") && dbg.contains("alice"), "{dbg}");
 
         assert!(Userlist::parse("").unwrap().is_empty());
 
@@ -1591,10 +1445,7 @@ mod tests {
             ScramCredential::Password("hunter2".into()),
             ScramClient::new(ScramCredential::Password("hunter2".into())),
         );
-        assert!(
-            !s.contains("hunter2") && !s.contains(&md5_hash("u", "hunter2")),
-            "{s}"
-        );
+        assert!(!s.contains("hunter2") && !s.contains(&md5_hash("u", "hunter2")), "{s}");
         let server = ScramServer::new(&Secret::Plain("hunter2".into())).unwrap();
         assert!(!format!("{server:?}").contains("hunter2"));
     }
@@ -1689,14 +1540,10 @@ mod tests {
             }
 
             // Client: Keys credentials so mutated iteration counts cost nothing.
-            let mut c = ScramClient::with_nonce(keys.clone(), RFC_CLIENT_NONCE)
-                .unwrap()
-                .with_user(RFC_USER);
+            let mut c = ScramClient::with_nonce(keys.clone(), RFC_CLIENT_NONCE).unwrap().with_user(RFC_USER);
             let _ = c.server_first(&input);
             let _ = c.server_final(&input);
-            let mut c = ScramClient::with_nonce(keys.clone(), RFC_CLIENT_NONCE)
-                .unwrap()
-                .with_user(RFC_USER);
+            let mut c = ScramClient::with_nonce(keys.clone(), RFC_CLIENT_NONCE).unwrap().with_user(RFC_USER);
             c.server_first(RFC_SERVER_FIRST.as_bytes()).unwrap();
             if c.server_final(&input).is_ok() {
                 assert_eq!(input, RFC_SERVER_FINAL.as_bytes());

@@ -232,9 +232,7 @@ pub struct MetricsConfig {
 
 impl Default for MetricsConfig {
     fn default() -> Self {
-        MetricsConfig {
-            listen: "127.0.0.1:9091".into(),
-        }
+        MetricsConfig { listen: "127.0.0.1:9091".into() }
     }
 }
 
@@ -251,12 +249,7 @@ pub struct SlowQueryConfig {
 
 impl Default for SlowQueryConfig {
     fn default() -> Self {
-        SlowQueryConfig {
-            threshold: Dur::ms(100),
-            log: None,
-            redact_parameters: false,
-            ring_size: 1000,
-        }
+        SlowQueryConfig { threshold: Dur::ms(100), log: None, redact_parameters: false, ring_size: 1000 }
     }
 }
 
@@ -299,11 +292,7 @@ pub struct PatroniConfig {
 
 impl Default for PatroniConfig {
     fn default() -> Self {
-        PatroniConfig {
-            endpoints: Vec::new(),
-            poll_interval: Dur::ms(100),
-            http_timeout: Dur::ms(300),
-        }
+        PatroniConfig { endpoints: Vec::new(), poll_interval: Dur::ms(100), http_timeout: Dur::ms(300) }
     }
 }
 
@@ -327,18 +316,11 @@ pub struct Config {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("{path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("{path}: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("{path}: {key}: {reason}")]
-    Invalid {
-        path: PathBuf,
-        key: String,
-        reason: String,
-    },
+    Invalid { path: PathBuf, key: String, reason: String },
 }
 
 /// Settings of one pool after database overrides are applied.
@@ -354,10 +336,8 @@ pub struct PoolSettings {
 impl Config {
     /// Reads, parses and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
         let mut cfg = Config::parse(&text, path)?;
         cfg.base_dir = path
             .parent()
@@ -385,13 +365,8 @@ impl Config {
         if self.proxy.listen.parse::<std::net::SocketAddr>().is_err() {
             return Err(bad("proxy.listen", "expected an address like 0.0.0.0:6432"));
         }
-        if !self.metrics.listen.is_empty()
-            && self.metrics.listen.parse::<std::net::SocketAddr>().is_err()
-        {
-            return Err(bad(
-                "metrics.listen",
-                "expected an address like 127.0.0.1:9091",
-            ));
+        if !self.metrics.listen.is_empty() && self.metrics.listen.parse::<std::net::SocketAddr>().is_err() {
+            return Err(bad("metrics.listen", "expected an address like 127.0.0.1:9091"));
         }
         if self.proxy.default_pool_size == 0 {
             return Err(bad("proxy.default_pool_size", "must be at least 1"));
@@ -403,36 +378,21 @@ impl Config {
             return Err(bad("proxy.max_packet_size", "must be at least 1024"));
         }
         if self.proxy.min_pool_size > self.proxy.default_pool_size {
-            return Err(bad(
-                "proxy.min_pool_size",
-                "must not exceed default_pool_size",
-            ));
+            return Err(bad("proxy.min_pool_size", "must not exceed default_pool_size"));
         }
-        if self.tls.mode != TlsMode::Disable && (self.tls.cert.is_none() || self.tls.key.is_none())
-        {
+        if self.tls.mode != TlsMode::Disable && (self.tls.cert.is_none() || self.tls.key.is_none()) {
             return Err(bad("tls.cert", "tls.mode needs tls.cert and tls.key"));
         }
         if self.auth.kind != AuthType::Trust && self.auth.file.is_none() {
-            return Err(bad(
-                "auth.file",
-                "md5 and scram-sha-256 need a userlist file",
-            ));
+            return Err(bad("auth.file", "md5 and scram-sha-256 need a userlist file"));
         }
         for (name, db) in &self.databases {
             let key = |k: &str| format!("databases.{name}.{k}");
             if name == "pgrelay" || name == "pgbouncer" {
-                return Err(bad(
-                    &format!("databases.{name}"),
-                    "name is reserved for the admin console",
-                ));
+                return Err(bad(&format!("databases.{name}"), "name is reserved for the admin console"));
             }
             match (&db.host, &db.patroni) {
-                (Some(_), Some(_)) => {
-                    return Err(bad(
-                        &key("patroni"),
-                        "give either host or patroni, not both",
-                    ))
-                }
+                (Some(_), Some(_)) => return Err(bad(&key("patroni"), "give either host or patroni, not both")),
                 (None, None) => return Err(bad(&key("host"), "missing (or set patroni)")),
                 (None, Some(p)) if !self.patroni.contains_key(p) => {
                     return Err(bad(&key("patroni"), &format!("no [patroni.{p}] section")))
@@ -445,10 +405,7 @@ impl Config {
         }
         for (name, p) in &self.patroni {
             if p.endpoints.is_empty() {
-                return Err(bad(
-                    &format!("patroni.{name}.endpoints"),
-                    "at least one endpoint",
-                ));
+                return Err(bad(&format!("patroni.{name}.endpoints"), "at least one endpoint"));
             }
             for e in &p.endpoints {
                 if !e.starts_with("http://") {
@@ -509,11 +466,8 @@ impl Config {
                 changes.push((k.clone(), None, Some(v.clone())));
             }
         }
-        let restart = changes
-            .iter()
-            .filter(|(k, _, _)| RESTART_KEYS.contains(&k.as_str()))
-            .map(|(k, _, _)| k.clone())
-            .collect();
+        let restart =
+            changes.iter().filter(|(k, _, _)| RESTART_KEYS.contains(&k.as_str())).map(|(k, _, _)| k.clone()).collect();
         ConfigDiff { changes, restart }
     }
 }
@@ -534,11 +488,7 @@ impl fmt::Display for ConfigDiff {
             return writeln!(f, "no changes");
         }
         for (k, old, new) in &self.changes {
-            let mark = if self.restart.contains(k) {
-                "  (needs restart)"
-            } else {
-                ""
-            };
+            let mark = if self.restart.contains(k) { "  (needs restart)" } else { "" };
             match (old, new) {
                 (Some(o), Some(n)) => writeln!(f, "~ {k}: {o} -> {n}{mark}")?,
                 (None, Some(n)) => writeln!(f, "+ {k} = {n}{mark}")?,
@@ -554,11 +504,7 @@ fn flatten_into(prefix: &str, v: &toml::Value, out: &mut Vec<(String, String)>) 
     match v {
         toml::Value::Table(t) => {
             for (k, v) in t {
-                let key = if prefix.is_empty() {
-                    k.clone()
-                } else {
-                    format!("{prefix}.{k}")
-                };
+                let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
                 flatten_into(&key, v, out);
             }
         }
@@ -607,10 +553,7 @@ mod tests {
         )
         .unwrap();
         let d = a.diff(&b);
-        assert!(d
-            .changes
-            .iter()
-            .any(|(k, _, _)| k == "proxy.default_pool_size"));
+        assert!(d.changes.iter().any(|(k, _, _)| k == "proxy.default_pool_size"));
         assert_eq!(d.restart, vec!["proxy.listen".to_string()]);
     }
 }

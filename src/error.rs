@@ -51,10 +51,7 @@ impl Error {
 
     /// True when the server side failed, so its connection must not be reused.
     pub fn is_server_side(&self) -> bool {
-        matches!(
-            self,
-            Error::Server(_) | Error::ServerProtocol(_) | Error::ServerRefused { .. }
-        )
+        matches!(self, Error::Server(_) | Error::ServerProtocol(_) | Error::ServerRefused { .. })
     }
 }
 

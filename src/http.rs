@@ -25,9 +25,7 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener) {
         };
         let shared = shared.clone();
         tokio::spawn(async move {
-            if let Err(e) =
-                tokio::time::timeout(Duration::from_secs(10), handle(shared, sock)).await
-            {
+            if let Err(e) = tokio::time::timeout(Duration::from_secs(10), handle(shared, sock)).await {
                 debug!(error = %e, "http request timed out");
             }
         });
@@ -44,17 +42,13 @@ async fn handle(shared: Arc<Shared>, mut sock: TcpStream) -> std::io::Result<()>
         }
         buf.extend_from_slice(&chunk[..n]);
     }
-    let line = String::from_utf8_lossy(&buf[..buf.iter().position(|&b| b == b'\r').unwrap_or(0)])
-        .to_string();
+    let line = String::from_utf8_lossy(&buf[..buf.iter().position(|&b| b == b'\r').unwrap_or(0)]).to_string();
     let mut parts = line.split_whitespace();
     let method = parts.next().unwrap_or("");
     let path = parts.next().unwrap_or("/");
     let path = path.split('?').next().unwrap_or(path);
-    let (status, ctype, body) = if method != "GET" {
-        (405, "text/plain", "method not allowed\n".to_string())
-    } else {
-        route(&shared, path)
-    };
+    let (status, ctype, body) =
+        if method != "GET" { (405, "text/plain", "method not allowed\n".to_string()) } else { route(&shared, path) };
     let reason = match status {
         200 => "OK",
         404 => "Not Found",
@@ -80,11 +74,7 @@ fn route(shared: &Shared, path: &str) -> (u16, &'static str, String) {
                 "clients": shared.client_count.load(Ordering::Relaxed),
                 "pools": shared.pools.len(),
             });
-            (
-                if ok { 200 } else { 503 },
-                "application/json",
-                body.to_string(),
-            )
+            (if ok { 200 } else { 503 }, "application/json", body.to_string())
         }
         "/api/pools" => {
             let pools: Vec<_> = shared
@@ -101,11 +91,7 @@ fn route(shared: &Shared, path: &str) -> (u16, &'static str, String) {
                     })
                 })
                 .collect();
-            (
-                200,
-                "application/json",
-                serde_json::Value::Array(pools).to_string(),
-            )
+            (200, "application/json", serde_json::Value::Array(pools).to_string())
         }
         _ => (404, "text/plain", "not found\n".to_string()),
     }

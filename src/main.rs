@@ -7,11 +7,7 @@ use clap::{Parser, Subcommand};
 use pgrelay::config::Config;
 
 #[derive(Parser)]
-#[command(
-    name = "pgrelay",
-    version,
-    about = "PostgreSQL connection-pooling proxy"
-)]
+#[command(name = "pgrelay", version, about = "PostgreSQL connection-pooling proxy")]
 struct Cli {
     /// Config file.
     #[arg(long, short = 'c', global = true, default_value = "proxy.toml")]
@@ -81,17 +77,11 @@ fn run(path: &std::path::Path) -> ExitCode {
         }
     };
     let workers = if cfg.proxy.workers == 0 {
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(2)
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2)
     } else {
         cfg.proxy.workers
     };
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(workers)
-        .enable_all()
-        .build()
-    {
+    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(workers).enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start runtime: {e}");

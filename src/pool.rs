@@ -162,8 +162,8 @@ impl Pool {
                         waiting = true;
                         self.stats.cl_waiting.fetch_add(1, Ordering::Relaxed);
                     }
-                    let reserve_at = (settings.reserve_pool_size > 0 && !may_use_reserve)
-                        .then(|| start + reserve_after);
+                    let reserve_at =
+                        (settings.reserve_pool_size > 0 && !may_use_reserve).then(|| start + reserve_after);
                     let grant = tokio::select! {
                         g = rx => g.ok(),
                         _ = sleep_until_opt(deadline) => {
@@ -194,10 +194,7 @@ impl Pool {
         self.stats.wait_count.fetch_add(1, Ordering::Relaxed);
         self.max_wait_us.fetch_max(us, Ordering::Relaxed);
         self.metrics.record_wait(waited);
-        result.map(|conn| PooledConn {
-            conn: Some(conn),
-            pool: self.clone(),
-        })
+        result.map(|conn| PooledConn { conn: Some(conn), pool: self.clone() })
     }
 
     fn step(&self, s: &PoolSettings, reserve: bool) -> Step {
@@ -214,8 +211,7 @@ impl Pool {
             close_now(conn);
         }
         let limit = s.pool_size + if reserve { s.reserve_pool_size } else { 0 };
-        let db_ok = s.max_db_connections == 0
-            || self.db_limit.open.load(Ordering::Relaxed) < s.max_db_connections;
+        let db_ok = s.max_db_connections == 0 || self.db_limit.open.load(Ordering::Relaxed) < s.max_db_connections;
         if g.total < limit && db_ok {
             g.total += 1;
             self.db_limit.open.fetch_add(1, Ordering::Relaxed);
@@ -225,10 +221,7 @@ impl Pool {
         if g.waiters.len() > 64 && g.waiters.len().is_power_of_two() {
             g.waiters.retain(|w| !w.tx.is_closed());
         }
-        g.waiters.push_back(Waiter {
-            tx,
-            since: Instant::now(),
-        });
+        g.waiters.push_back(Waiter { tx, since: Instant::now() });
         Step::Wait(rx)
     }
 
@@ -250,10 +243,7 @@ impl Pool {
     async fn prepare_idle(self: &Arc<Self>, mut conn: ServerConn) -> Option<ServerConn> {
         let (delay, query) = {
             let cfg = self.config.load();
-            (
-                cfg.proxy.server_check_delay.0,
-                cfg.proxy.server_check_query.clone(),
-            )
+            (cfg.proxy.server_check_delay.0, cfg.proxy.server_check_query.clone())
         };
         if !query.is_empty() && conn.last_used.elapsed() >= delay {
             let ok = tokio::time::timeout(Duration::from_secs(5), conn.execute(&query)).await;
@@ -307,22 +297,12 @@ impl Pool {
                 break self.connected(conn);
             }
             let rows = conn.query_column("select pg_is_in_recovery()").await?;
-            if rows
-                .first()
-                .and_then(|r| r.first())
-                .cloned()
-                .flatten()
-                .as_deref()
-                == Some("f")
-            {
+            if rows.first().and_then(|r| r.first()).cloned().flatten().as_deref() == Some("f") {
                 break self.connected(conn);
             }
             conn.terminate().await;
             if Instant::now() > give_up {
-                return Err(Error::Pool(format!(
-                    "{} is not writable (in recovery)",
-                    self.key.database
-                )));
+                return Err(Error::Pool(format!("{} is not writable (in recovery)", self.key.database)));
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -380,8 +360,7 @@ impl Pool {
 
     /// Returns a clean, idle connection.
     fn checkin(&self, mut conn: ServerConn) {
-        if conn.tx_status != b'I' || !self.is_usable(&conn) || self.retired.load(Ordering::Relaxed)
-        {
+        if conn.tx_status != b'I' || !self.is_usable(&conn) || self.retired.load(Ordering::Relaxed) {
             self.forget(conn);
             return;
         }
@@ -417,8 +396,7 @@ impl Pool {
             let mut i = 0;
             while i < g.idle.len() {
                 let conn = &g.idle[i];
-                let expired_idle =
-                    idle_timeout.is_some_and(|t| conn.last_used.elapsed() > t) && g.total > min;
+                let expired_idle = idle_timeout.is_some_and(|t| conn.last_used.elapsed() > t) && g.total > min;
                 if expired_idle || !self.is_usable(conn) || self.retired.load(Ordering::Relaxed) {
                     let c = g.idle.swap_remove(i);
                     g.servers.remove(&c.id);
@@ -431,10 +409,7 @@ impl Pool {
             }
             g.waiters.retain(|w| !w.tx.is_closed());
             let route_ok = self.route.borrow().target.is_some();
-            to_open = if route_ok
-                && !self.retired.load(Ordering::Relaxed)
-                && !self.paused.load(Ordering::Relaxed)
-            {
+            to_open = if route_ok && !self.retired.load(Ordering::Relaxed) && !self.paused.load(Ordering::Relaxed) {
                 min.saturating_sub(g.total)
             } else {
                 0
@@ -462,12 +437,7 @@ impl Pool {
             total: g.total,
             idle: g.idle.len(),
             waiters: g.waiters.iter().filter(|w| !w.tx.is_closed()).count(),
-            oldest_wait: g
-                .waiters
-                .iter()
-                .filter(|w| !w.tx.is_closed())
-                .map(|w| w.since.elapsed())
-                .max(),
+            oldest_wait: g.waiters.iter().filter(|w| !w.tx.is_closed()).map(|w| w.since.elapsed()).max(),
         }
     }
 
@@ -475,10 +445,7 @@ impl Pool {
     pub fn servers(&self) -> Vec<(u64, ServerMeta, bool)> {
         let g = self.inner.lock();
         let idle: Vec<u64> = g.idle.iter().map(|c| c.id).collect();
-        g.servers
-            .iter()
-            .map(|(id, m)| (*id, m.clone(), idle.contains(id)))
-            .collect()
+        g.servers.iter().map(|(id, m)| (*id, m.clone(), idle.contains(id))).collect()
     }
 
     /// Closes every idle connection now (KILL, leader change, reload of the target).
@@ -549,17 +516,13 @@ impl PooledConn {
 impl std::ops::Deref for PooledConn {
     type Target = ServerConn;
     fn deref(&self) -> &ServerConn {
-        self.conn
-            .as_ref()
-            .expect("conn is Some until release/discard consume the guard")
+        self.conn.as_ref().expect("conn is Some until release/discard consume the guard")
     }
 }
 
 impl std::ops::DerefMut for PooledConn {
     fn deref_mut(&mut self) -> &mut ServerConn {
-        self.conn
-            .as_mut()
-            .expect("conn is Some until release/discard consume the guard")
+        self.conn.as_mut().expect("conn is Some until release/discard consume the guard")
     }
 }
 

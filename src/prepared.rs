@@ -129,11 +129,7 @@ impl ServerStatements {
             return None;
         }
         // O(n) only when full, n = max_prepared_statements.
-        let (&victim, _) = self
-            .used
-            .iter()
-            .filter(|(h, _)| **h != hash)
-            .min_by_key(|(_, t)| **t)?;
+        let (&victim, _) = self.used.iter().filter(|(h, _)| **h != hash).min_by_key(|(_, t)| **t)?;
         self.used.remove(&victim);
         Some(victim)
     }
@@ -201,11 +197,7 @@ pub fn classify(sql: &str) -> Option<SessionCommand> {
             {
                 return None;
             }
-            let rest = if lower.starts_with("session ") {
-                rest[8..].trim_start()
-            } else {
-                rest
-            };
+            let rest = if lower.starts_with("session ") { rest[8..].trim_start() } else { rest };
             let (name, value) = split_set(rest)?;
             Some(SessionCommand::Set { name, value })
         }
@@ -233,8 +225,7 @@ pub fn classify(sql: &str) -> Option<SessionCommand> {
         }
         "discard" => {
             let w = words.next()?;
-            w.eq_ignore_ascii_case("all")
-                .then_some(SessionCommand::DiscardAll)
+            w.eq_ignore_ascii_case("all").then_some(SessionCommand::DiscardAll)
         }
         "prepare" => Some(SessionCommand::Prepare),
         "listen" => Some(SessionCommand::Pin("LISTEN")),
@@ -243,9 +234,7 @@ pub fn classify(sql: &str) -> Option<SessionCommand> {
             if w == "temp"
                 || w == "temporary"
                 || (w == "local" || w == "global")
-                    && words
-                        .next()
-                        .is_some_and(|x| x.to_ascii_lowercase().starts_with("temp"))
+                    && words.next().is_some_and(|x| x.to_ascii_lowercase().starts_with("temp"))
             {
                 Some(SessionCommand::Pin("temporary table"))
             } else {
@@ -318,11 +307,7 @@ mod tests {
         let mut body3 = b"s1\0select $1\0".to_vec();
         body3.extend_from_slice(&1i16.to_be_bytes());
         body3.extend_from_slice(&25u32.to_be_bytes());
-        assert_ne!(
-            from_parse(&body3).unwrap().1.hash,
-            p.hash,
-            "parameter types are part of the identity"
-        );
+        assert_ne!(from_parse(&body3).unwrap().1.hash, p.hash, "parameter types are part of the identity");
         assert_eq!(&p.parse[5..5 + p.name.len()], p.name.as_bytes());
         let mut out = BytesMut::new();
         assert!(rewrite_bind(&mut out, b"\0s1\0\0\0\0\0\0\0", &p.name));
@@ -344,51 +329,24 @@ mod tests {
     fn session_commands() {
         assert_eq!(
             classify("SET search_path TO myschema, public"),
-            Some(SessionCommand::Set {
-                name: "search_path".into(),
-                value: "myschema, public".into()
-            })
+            Some(SessionCommand::Set { name: "search_path".into(), value: "myschema, public".into() })
         );
         assert_eq!(
             classify("set session TimeZone = 'UTC';"),
-            Some(SessionCommand::Set {
-                name: "timezone".into(),
-                value: "'UTC'".into()
-            })
+            Some(SessionCommand::Set { name: "timezone".into(), value: "'UTC'".into() })
         );
         assert_eq!(classify("SET LOCAL work_mem = '1MB'"), None);
-        assert_eq!(
-            classify("set transaction isolation level serializable"),
-            None
-        );
+        assert_eq!(classify("set transaction isolation level serializable"), None);
         assert_eq!(classify("RESET ALL"), Some(SessionCommand::ResetAll));
-        assert_eq!(
-            classify("reset work_mem"),
-            Some(SessionCommand::Reset("work_mem".into()))
-        );
-        assert_eq!(
-            classify("DEALLOCATE _pg3_0"),
-            Some(SessionCommand::Deallocate("_pg3_0".into()))
-        );
-        assert_eq!(
-            classify("deallocate prepare all"),
-            Some(SessionCommand::DeallocateAll)
-        );
+        assert_eq!(classify("reset work_mem"), Some(SessionCommand::Reset("work_mem".into())));
+        assert_eq!(classify("DEALLOCATE _pg3_0"), Some(SessionCommand::Deallocate("_pg3_0".into())));
+        assert_eq!(classify("deallocate prepare all"), Some(SessionCommand::DeallocateAll));
         assert_eq!(classify("DISCARD ALL"), Some(SessionCommand::DiscardAll));
-        assert_eq!(
-            classify("PREPARE p AS select 1"),
-            Some(SessionCommand::Prepare)
-        );
+        assert_eq!(classify("PREPARE p AS select 1"), Some(SessionCommand::Prepare));
         assert_eq!(classify("LISTEN chan"), Some(SessionCommand::Pin("LISTEN")));
-        assert_eq!(
-            classify("select pg_advisory_lock(1)"),
-            Some(SessionCommand::Pin("session advisory lock"))
-        );
+        assert_eq!(classify("select pg_advisory_lock(1)"), Some(SessionCommand::Pin("session advisory lock")));
         assert_eq!(classify("select pg_advisory_xact_lock(1)"), None);
-        assert_eq!(
-            classify("create temp table x(a int)"),
-            Some(SessionCommand::Pin("temporary table"))
-        );
+        assert_eq!(classify("create temp table x(a int)"), Some(SessionCommand::Pin("temporary table")));
         assert_eq!(classify("select 1"), None);
         assert_eq!(classify("set a = 1; select 1"), None);
         assert_eq!(classify(""), None);

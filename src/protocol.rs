@@ -33,14 +33,8 @@ pub enum ProtocolError {
 pub enum StartupPacket {
     Ssl,
     GssEnc,
-    Cancel {
-        pid: i32,
-        key: i32,
-    },
-    Startup {
-        minor: u16,
-        params: Vec<(String, String)>,
-    },
+    Cancel { pid: i32, key: i32 },
+    Startup { minor: u16, params: Vec<(String, String)> },
 }
 
 /// Reads the length of a startup-phase packet from its first 4 bytes; checks its bounds.
@@ -66,9 +60,7 @@ pub fn parse_startup(body: &[u8]) -> Result<StartupPacket, ProtocolError> {
             pid: i32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]),
             key: i32::from_be_bytes([rest[4], rest[5], rest[6], rest[7]]),
         }),
-        SSL_REQUEST | GSSENC_REQUEST | CANCEL_REQUEST => {
-            Err(ProtocolError::Malformed("request packet"))
-        }
+        SSL_REQUEST | GSSENC_REQUEST | CANCEL_REQUEST => Err(ProtocolError::Malformed("request packet")),
         _ => {
             let major = (code >> 16) as u16;
             let minor = (code & 0xffff) as u16;
@@ -78,19 +70,15 @@ pub fn parse_startup(body: &[u8]) -> Result<StartupPacket, ProtocolError> {
             let mut params = Vec::new();
             let mut r = rest;
             loop {
-                let name =
-                    take_cstr(&mut r).ok_or(ProtocolError::Malformed("startup parameters"))?;
+                let name = take_cstr(&mut r).ok_or(ProtocolError::Malformed("startup parameters"))?;
                 if name.is_empty() {
                     break;
                 }
-                let value =
-                    take_cstr(&mut r).ok_or(ProtocolError::Malformed("startup parameters"))?;
+                let value = take_cstr(&mut r).ok_or(ProtocolError::Malformed("startup parameters"))?;
                 params.push((name.to_string(), value.to_string()));
             }
             if !r.is_empty() {
-                return Err(ProtocolError::Malformed(
-                    "startup packet: bytes after the terminator",
-                ));
+                return Err(ProtocolError::Malformed("startup packet: bytes after the terminator"));
             }
             Ok(StartupPacket::Startup { minor, params })
         }
@@ -238,10 +226,7 @@ pub fn authentication(buf: &mut BytesMut, a: pgwire::messages::startup::Authenti
 
 /// Appends ParameterStatus.
 pub fn parameter_status(buf: &mut BytesMut, name: &str, value: &str) {
-    put(
-        buf,
-        pgwire::messages::startup::ParameterStatus::new(name.into(), value.into()),
-    );
+    put(buf, pgwire::messages::startup::ParameterStatus::new(name.into(), value.into()));
 }
 
 /// Appends BackendKeyData.
@@ -254,10 +239,7 @@ pub fn backend_key_data(buf: &mut BytesMut, pid: i32, key: i32) {
 
 /// Appends NegotiateProtocolVersion (newest minor we support, and the options we did not recognise).
 pub fn negotiate_protocol_version(buf: &mut BytesMut, minor: i32, unsupported: Vec<String>) {
-    put(
-        buf,
-        pgwire::messages::startup::NegotiateProtocolVersion::new(minor, unsupported),
-    );
+    put(buf, pgwire::messages::startup::NegotiateProtocolVersion::new(minor, unsupported));
 }
 
 /// Appends RowDescription with all-text columns.
@@ -283,18 +265,12 @@ pub fn data_row(buf: &mut BytesMut, values: &[Option<String>]) {
             None => data.put_i32(-1),
         }
     }
-    put(
-        buf,
-        pgwire::messages::data::DataRow::new(data, values.len() as i16),
-    );
+    put(buf, pgwire::messages::data::DataRow::new(data, values.len() as i16));
 }
 
 /// Appends CommandComplete.
 pub fn command_complete(buf: &mut BytesMut, tag: &str) {
-    put(
-        buf,
-        pgwire::messages::response::CommandComplete::new(tag.into()),
-    );
+    put(buf, pgwire::messages::response::CommandComplete::new(tag.into()));
 }
 
 /// Appends EmptyQueryResponse.
@@ -403,10 +379,7 @@ mod tests {
         match parse_startup(&b[4..]).unwrap() {
             StartupPacket::Startup { minor, params } => {
                 assert_eq!(minor, 0);
-                assert_eq!(
-                    params,
-                    vec![("user".into(), "u".into()), ("database".into(), "d".into())]
-                );
+                assert_eq!(params, vec![("user".into(), "u".into()), ("database".into(), "d".into())]);
             }
             other => panic!("unexpected {other:?}"),
         }
@@ -416,26 +389,17 @@ mod tests {
     fn bad_startups() {
         assert!(startup_len(1_000_000u32.to_be_bytes()).is_err());
         assert!(startup_len(3u32.to_be_bytes()).is_err());
-        assert_eq!(
-            parse_startup(&[0, 4, 0, 0, 0]),
-            Err(ProtocolError::UnsupportedVersion { major: 4, minor: 0 })
-        );
+        assert_eq!(parse_startup(&[0, 4, 0, 0, 0]), Err(ProtocolError::UnsupportedVersion { major: 4, minor: 0 }));
         assert!(parse_startup(&[0, 3, 0, 0, b'u', 0]).is_err());
         let mut cancel = BytesMut::new();
         cancel_request(&mut cancel, 7, 9);
-        assert_eq!(
-            parse_startup(&cancel[4..]).unwrap(),
-            StartupPacket::Cancel { pid: 7, key: 9 }
-        );
+        assert_eq!(parse_startup(&cancel[4..]).unwrap(), StartupPacket::Cancel { pid: 7, key: 9 });
     }
 
     #[test]
     fn frame_headers() {
         assert_eq!(frame_header(b"Q\0\0", 100).unwrap(), None);
-        assert_eq!(
-            frame_header(b"Q\0\0\0\x09abc", 100).unwrap(),
-            Some((b'Q', 10))
-        );
+        assert_eq!(frame_header(b"Q\0\0\0\x09abc", 100).unwrap(), Some((b'Q', 10)));
         assert!(frame_header(b"Q\0\0\0\x02", 100).is_err());
         assert!(frame_header(b"Q\x7f\0\0\0", 100).is_err());
     }
@@ -445,10 +409,7 @@ mod tests {
         let mut b = BytesMut::new();
         error_response(&mut b, "FATAL", "28P01", "nope");
         let f = parse_error_fields(&b[5..]);
-        assert_eq!(
-            (f.severity.as_str(), f.code.as_str(), f.message.as_str()),
-            ("FATAL", "28P01", "nope")
-        );
+        assert_eq!((f.severity.as_str(), f.code.as_str(), f.message.as_str()), ("FATAL", "28P01", "nope"));
         assert_eq!(parse_error_fields(b"S"), ErrorFields::default());
     }
 

@@ -42,11 +42,7 @@ pub enum ServerStream {
 }
 
 impl AsyncRead for ServerStream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             ServerStream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
             ServerStream::Unix(s) => Pin::new(s).poll_read(cx, buf),
@@ -55,11 +51,7 @@ impl AsyncRead for ServerStream {
 }
 
 impl AsyncWrite for ServerStream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             ServerStream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
             ServerStream::Unix(s) => Pin::new(s).poll_write(cx, buf),
@@ -91,14 +83,8 @@ pub struct Login {
 }
 
 /// Server parameters that follow each client (reported by the server via ParameterStatus).
-pub const TRACKED_PARAMS: &[&str] = &[
-    "client_encoding",
-    "DateStyle",
-    "TimeZone",
-    "IntervalStyle",
-    "standard_conforming_strings",
-    "application_name",
-];
+pub const TRACKED_PARAMS: &[&str] =
+    &["client_encoding", "DateStyle", "TimeZone", "IntervalStyle", "standard_conforming_strings", "application_name"];
 
 static NEXT_SERVER_ID: AtomicU64 = AtomicU64::new(1);
 
@@ -135,16 +121,8 @@ impl ServerConn {
         proxy: &ProxyConfig,
         generation: u64,
     ) -> Result<ServerConn> {
-        let timeout = proxy
-            .server_connect_timeout
-            .get()
-            .unwrap_or(Duration::from_secs(3600));
-        match tokio::time::timeout(
-            timeout,
-            Self::connect_inner(target, login, proxy, generation),
-        )
-        .await
-        {
+        let timeout = proxy.server_connect_timeout.get().unwrap_or(Duration::from_secs(3600));
+        match tokio::time::timeout(timeout, Self::connect_inner(target, login, proxy, generation)).await {
             Ok(r) => r,
             Err(_) => Err(Error::Timeout("server_connect_timeout")),
         }
@@ -157,19 +135,10 @@ impl ServerConn {
         generation: u64,
     ) -> Result<ServerConn> {
         let (stream, local_port) = if target.is_unix() {
-            let path = format!(
-                "{}/.s.PGSQL.{}",
-                target.host.trim_end_matches('/'),
-                target.port
-            );
-            (
-                ServerStream::Unix(UnixStream::connect(path).await.map_err(Error::Server)?),
-                0,
-            )
+            let path = format!("{}/.s.PGSQL.{}", target.host.trim_end_matches('/'), target.port);
+            (ServerStream::Unix(UnixStream::connect(path).await.map_err(Error::Server)?), 0)
         } else {
-            let s = TcpStream::connect((target.host.as_str(), target.port))
-                .await
-                .map_err(Error::Server)?;
+            let s = TcpStream::connect((target.host.as_str(), target.port)).await.map_err(Error::Server)?;
             configure_tcp(&s, proxy);
             let lp = s.local_addr().map(|a| a.port()).unwrap_or(0);
             (ServerStream::Tcp(s), lp)
@@ -197,10 +166,7 @@ impl ServerConn {
 
     async fn login(&mut self, login: &Login) -> Result<()> {
         let mut out = BytesMut::new();
-        protocol::startup_message(
-            &mut out,
-            &[("user", &login.user), ("database", &login.database)],
-        );
+        protocol::startup_message(&mut out, &[("user", &login.user), ("database", &login.database)]);
         self.stream.write_all(&out).await.map_err(Error::Server)?;
         let mut scram: Option<ScramClient> = None;
         loop {
@@ -208,8 +174,7 @@ impl ServerConn {
             let mut r = &body[..];
             match t {
                 b'R' => {
-                    let code = take_i32(&mut r)
-                        .ok_or_else(|| Error::ServerProtocol("short auth message".into()))?;
+                    let code = take_i32(&mut r).ok_or_else(|| Error::ServerProtocol("short auth message".into()))?;
                     out.clear();
                     match code {
                         0 => {}
@@ -232,7 +197,10 @@ impl ServerConn {
                                 .as_ref()
                                 .and_then(|s| auth::md5_response(&login.user, s, salt))
                                 .ok_or_else(|| {
-                                    Error::Auth(format!("server wants md5 for {} and no password or md5 hash is configured", login.user))
+                                    Error::Auth(format!(
+                                        "server wants md5 for {} and no password or md5 hash is configured",
+                                        login.user
+                                    ))
                                 })?;
                             protocol::password_message(&mut out, &resp);
                         }
@@ -260,34 +228,22 @@ impl ServerConn {
                                 }
                             };
                             let c = ScramClient::new(cred);
-                            protocol::sasl_initial_response(
-                                &mut out,
-                                "SCRAM-SHA-256",
-                                &c.client_first(),
-                            );
+                            protocol::sasl_initial_response(&mut out, "SCRAM-SHA-256", &c.client_first());
                             scram = Some(c);
                         }
                         11 => {
-                            let c = scram.as_mut().ok_or_else(|| {
-                                Error::ServerProtocol("SASLContinue before SASL".into())
-                            })?;
-                            let resp = c
-                                .server_first(r)
-                                .map_err(|e| Error::Auth(format!("scram with server: {e}")))?;
+                            let c = scram
+                                .as_mut()
+                                .ok_or_else(|| Error::ServerProtocol("SASLContinue before SASL".into()))?;
+                            let resp = c.server_first(r).map_err(|e| Error::Auth(format!("scram with server: {e}")))?;
                             protocol::sasl_response(&mut out, &resp);
                         }
                         12 => {
-                            let c = scram.as_mut().ok_or_else(|| {
-                                Error::ServerProtocol("SASLFinal before SASL".into())
-                            })?;
-                            c.server_final(r)
-                                .map_err(|e| Error::Auth(format!("scram with server: {e}")))?;
+                            let c =
+                                scram.as_mut().ok_or_else(|| Error::ServerProtocol("SASLFinal before SASL".into()))?;
+                            c.server_final(r).map_err(|e| Error::Auth(format!("scram with server: {e}")))?;
                         }
-                        other => {
-                            return Err(Error::Auth(format!(
-                                "server wants unsupported auth method {other}"
-                            )))
-                        }
+                        other => return Err(Error::Auth(format!("server wants unsupported auth method {other}"))),
                     }
                     if !out.is_empty() {
                         self.stream.write_all(&out).await.map_err(Error::Server)?;
@@ -300,10 +256,7 @@ impl ServerConn {
                 }
                 b'E' => {
                     let f = protocol::parse_error_fields(r);
-                    return Err(Error::ServerRefused {
-                        code: f.code,
-                        message: f.message,
-                    });
+                    return Err(Error::ServerRefused { code: f.code, message: f.message });
                 }
                 b'N' | b'v' => {}
                 b'Z' => {
@@ -311,10 +264,7 @@ impl ServerConn {
                     return Ok(());
                 }
                 other => {
-                    return Err(Error::ServerProtocol(format!(
-                        "unexpected message {:?} during login",
-                        other as char
-                    )))
+                    return Err(Error::ServerProtocol(format!("unexpected message {:?} during login", other as char)))
                 }
             }
         }
@@ -341,17 +291,14 @@ impl ServerConn {
 
     /// Current value of a reported parameter.
     pub fn param(&self, name: &str) -> Option<&str> {
-        self.params
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+        self.params.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
     }
 
     /// Reads one whole message (used outside the relay loop: login, reset, checks).
     pub async fn read_message(&mut self) -> Result<(u8, BytesMut)> {
         loop {
-            if let Some((t, len)) = protocol::frame_header(&self.rbuf, 1 << 30)
-                .map_err(|e| Error::ServerProtocol(e.to_string()))?
+            if let Some((t, len)) =
+                protocol::frame_header(&self.rbuf, 1 << 30).map_err(|e| Error::ServerProtocol(e.to_string()))?
             {
                 if self.rbuf.len() >= len {
                     let mut frame = self.rbuf.split_to(len);
@@ -360,11 +307,7 @@ impl ServerConn {
                 }
                 self.rbuf.reserve(len - self.rbuf.len());
             }
-            let n = self
-                .stream
-                .read_buf(&mut self.rbuf)
-                .await
-                .map_err(Error::Server)?;
+            let n = self.stream.read_buf(&mut self.rbuf).await.map_err(Error::Server)?;
             if n == 0 {
                 return Err(Error::Server(io::ErrorKind::UnexpectedEof.into()));
             }
@@ -395,10 +338,7 @@ impl ServerConn {
                 }
                 b'E' => {
                     let f = protocol::parse_error_fields(&body);
-                    err.get_or_insert(Error::ServerRefused {
-                        code: f.code,
-                        message: f.message,
-                    });
+                    err.get_or_insert(Error::ServerRefused { code: f.code, message: f.message });
                 }
                 b'S' => self.note_parameter(&body),
                 _ => {}
@@ -425,9 +365,7 @@ impl ServerConn {
                         if len < 0 || len as usize > r.len() {
                             row.push(None);
                         } else {
-                            row.push(Some(
-                                String::from_utf8_lossy(&r[..len as usize]).into_owned(),
-                            ));
+                            row.push(Some(String::from_utf8_lossy(&r[..len as usize]).into_owned()));
                             r = &r[len as usize..];
                         }
                     }
@@ -435,10 +373,7 @@ impl ServerConn {
                 }
                 b'E' => {
                     let f = protocol::parse_error_fields(&body);
-                    err.get_or_insert(Error::ServerRefused {
-                        code: f.code,
-                        message: f.message,
-                    });
+                    err.get_or_insert(Error::ServerRefused { code: f.code, message: f.message });
                 }
                 b'S' => self.note_parameter(&body),
                 b'Z' => {
@@ -479,11 +414,7 @@ pub async fn send_cancel(target: &Target, pid: i32, key: i32) -> io::Result<()> 
     protocol::cancel_request(&mut out, pid, key);
     let fut = async {
         if target.is_unix() {
-            let path = format!(
-                "{}/.s.PGSQL.{}",
-                target.host.trim_end_matches('/'),
-                target.port
-            );
+            let path = format!("{}/.s.PGSQL.{}", target.host.trim_end_matches('/'), target.port);
             let mut s = UnixStream::connect(path).await?;
             s.write_all(&out).await?;
             let mut b = [0u8; 1];
@@ -498,7 +429,5 @@ pub async fn send_cancel(target: &Target, pid: i32, key: i32) -> io::Result<()> 
         }
         Ok::<_, io::Error>(())
     };
-    tokio::time::timeout(Duration::from_secs(5), fut)
-        .await
-        .unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into()))
+    tokio::time::timeout(Duration::from_secs(5), fut).await.unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into()))
 }

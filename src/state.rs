@@ -114,6 +114,7 @@ pub struct Shared {
     pub clients: DashMap<u64, Arc<ClientInfo>>,
     pub cancel_keys: DashMap<(i32, i32), Arc<ClientInfo>>,
     pub metrics: Arc<Metrics>,
+    pub observer: Arc<crate::observe::Observer>,
     pub client_count: AtomicUsize,
     pub next_client_id: AtomicU64,
     pub epoch: Instant,
@@ -128,7 +129,9 @@ pub struct Shared {
 impl Shared {
     /// Builds the shared state for a loaded config.
     pub fn new(config: Config, config_path: std::path::PathBuf, userlist: Userlist) -> Arc<Shared> {
+        let observer = Arc::new(crate::observe::Observer::new(&config));
         Arc::new(Shared {
+            observer,
             config: Arc::new(ArcSwap::from_pointee(config)),
             config_path,
             userlist: ArcSwap::from_pointee(userlist),
@@ -164,20 +167,14 @@ impl Shared {
         let cfg = self.config.load();
         let dbc = cfg.databases.get(db)?;
         let host = dbc.host.clone()?;
-        let (tx, rx) = crate::routing::fixed(Target {
-            host,
-            port: dbc.port.unwrap_or(5432),
-        });
+        let (tx, rx) = crate::routing::fixed(Target { host, port: dbc.port.unwrap_or(5432) });
         let entry = self.routes.entry(db.to_string()).or_insert((tx, rx));
         Some(entry.1.clone())
     }
 
     /// The pool for (database, user), created on first use. `None` if the database is not configured.
     pub fn pool(&self, database: &str, user: &str) -> Option<Arc<Pool>> {
-        let key = PoolKey {
-            database: database.to_string(),
-            user: user.to_string(),
-        };
+        let key = PoolKey { database: database.to_string(), user: user.to_string() };
         if let Some(p) = self.pools.get(&key) {
             return Some(p.clone());
         }
@@ -195,11 +192,7 @@ impl Shared {
             secret,
             scram_keys: None,
         };
-        let limit = self
-            .db_limits
-            .entry(database.to_string())
-            .or_default()
-            .clone();
+        let limit = self.db_limits.entry(database.to_string()).or_default().clone();
         let metrics = self.metrics.pool(database, cfg.proxy.observability);
         let pool = Arc::new(Pool::new(
             key.clone(),
@@ -221,9 +214,7 @@ impl Shared {
         let r = self.try_reload();
         if let Err(e) = &r {
             self.reload_failures.fetch_add(1, Ordering::Relaxed);
-            self.metrics
-                .counter("pgrelay_config_reload_failures_total", &[])
-                .increment(1);
+            self.metrics.counter("pgrelay_config_reload_failures_total", &[]).increment(1);
             tracing::error!(file = %self.config_path.display(), error = %e, "config reload failed; keeping the old config");
         }
         r
@@ -239,6 +230,7 @@ impl Shared {
         }
         let new = Arc::new(new);
         self.config.store(new.clone());
+        self.observer.configure(&new);
         self.userlist.store(Arc::new(userlist));
         // Pools follow their database entry: sizes in place, a new target or login retires old connections.
         for p in self.pools.iter() {
@@ -249,9 +241,7 @@ impl Shared {
             };
             p.settings.store(Arc::new(new.pool_settings(db)));
             let old_db = old.databases.get(&p.key.database);
-            if old_db.map(|o| (&o.dbname, &o.user, &o.password))
-                != Some((&db.dbname, &db.user, &db.password))
-            {
+            if old_db.map(|o| (&o.dbname, &o.user, &o.password)) != Some((&db.dbname, &db.user, &db.password)) {
                 let user = db.user.clone().unwrap_or_else(|| p.key.user.clone());
                 let secret = match &db.password {
                     Some(pw) => Some(crate::auth::Secret::parse(pw)),
@@ -271,17 +261,13 @@ impl Shared {
         }
         for (name, db) in &new.databases {
             if let (Some(host), Some(r)) = (&db.host, self.routes.get(name)) {
-                let t = Target {
-                    host: host.clone(),
-                    port: db.port.unwrap_or(5432),
-                };
+                let t = Target { host: host.clone(), port: db.port.unwrap_or(5432) };
                 if crate::routing::publish(&r.0, Some(t)) {
                     tracing::info!(db = %name, "database moved; old connections drain");
                 }
             }
         }
-        self.routes
-            .retain(|name, _| new.databases.contains_key(name));
+        self.routes.retain(|name, _| new.databases.contains_key(name));
         tracing::info!(changes = diff.changes.len(), "config reloaded");
         Ok(diff)
     }
@@ -293,8 +279,7 @@ pub fn load_userlist(cfg: &Config) -> Result<Userlist, String> {
         None => Ok(Userlist::default()),
         Some(f) => {
             let path = cfg.resolve(f);
-            let text =
-                std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+            let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
             Userlist::parse(&text).map_err(|e| format!("{}: {e}", path.display()))
         }
     }

@@ -12,51 +12,28 @@ use common::*;
 async fn psql_and_tokio_postgres_simple_and_extended() {
     let pg = Pg::start();
     let relay = Relay::start(&pg, "", "");
-    assert_eq!(
-        relay
-            .psql("postgres", PASSWORD, "postgres", "select 40 + 2")
-            .unwrap(),
-        "42"
-    );
+    assert_eq!(relay.psql("postgres", PASSWORD, "postgres", "select 40 + 2").unwrap(), "42");
     let c = relay.connect().await;
     // Simple protocol.
     let rows = c.simple_query("select 'a' as x; select 'b'").await.unwrap();
-    assert_eq!(
-        rows.iter()
-            .filter(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(_)))
-            .count(),
-        2
-    );
+    assert_eq!(rows.iter().filter(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(_))).count(), 2);
     // Extended protocol with parameters, named statements and a pipeline of several Syncs in flight.
     let stmt = c.prepare("select $1::int4 * 2").await.unwrap();
     let vals: Vec<i32> = (0..20).collect();
-    let params: Vec<[&(dyn tokio_postgres::types::ToSql + Sync); 1]> =
-        vals.iter().map(|v| [v as _]).collect();
+    let params: Vec<[&(dyn tokio_postgres::types::ToSql + Sync); 1]> = vals.iter().map(|v| [v as _]).collect();
     let futs: Vec<_> = params.iter().map(|p| c.query_one(&stmt, p)).collect();
     let res = futures_join(futs).await;
     for (i, r) in res.into_iter().enumerate() {
         assert_eq!(r.unwrap().get::<_, i32>(0), i as i32 * 2);
     }
     // Errors inside a transaction, then recovery.
-    c.batch_execute("create table t(id int primary key)")
-        .await
-        .unwrap();
-    c.batch_execute("begin; insert into t values (1)")
-        .await
-        .unwrap();
+    c.batch_execute("create table t(id int primary key)").await.unwrap();
+    c.batch_execute("begin; insert into t values (1)").await.unwrap();
     assert!(c.batch_execute("insert into t values (1)").await.is_err());
     c.batch_execute("rollback").await.unwrap();
-    assert_eq!(
-        c.query_one("select count(*) from t", &[])
-            .await
-            .unwrap()
-            .get::<_, i64>(0),
-        0
-    );
+    assert_eq!(c.query_one("select count(*) from t", &[]).await.unwrap().get::<_, i64>(0), 0);
     // NOTICE passes through.
-    c.batch_execute("do $$ begin raise notice 'hello'; end $$")
-        .await
-        .unwrap();
+    c.batch_execute("do $$ begin raise notice 'hello'; end $$").await.unwrap();
 }
 
 async fn futures_join<F: std::future::Future>(futs: Vec<F>) -> Vec<F::Output> {
@@ -130,18 +107,7 @@ async fn fifty_clients_exact_counters_in_transaction_mode() {
 fn pgbench_simple_and_extended_through_relay() {
     let pg = Pg::start();
     let port = pg.port.to_string();
-    let (out, ok) = pgbench(&[
-        "-i",
-        "-s",
-        "1",
-        "-h",
-        "127.0.0.1",
-        "-p",
-        &port,
-        "-U",
-        "postgres",
-        "postgres",
-    ]);
+    let (out, ok) = pgbench(&["-i", "-s", "1", "-h", "127.0.0.1", "-p", &port, "-U", "postgres", "postgres"]);
     assert!(ok, "{out}");
     let relay = Relay::start(&pg, "default_pool_size = 5", "");
     let rport = relay.port.to_string();
@@ -164,10 +130,7 @@ fn pgbench_simple_and_extended_through_relay() {
             "postgres",
         ]);
         assert!(ok, "pgbench -M {mode} failed: {out}");
-        assert!(
-            out.contains("number of transactions actually processed: 2000/2000"),
-            "{out}"
-        );
+        assert!(out.contains("number of transactions actually processed: 2000/2000"), "{out}");
         assert!(out.contains("number of failed transactions: 0"), "{out}");
     }
     // TPC-B keeps the books balanced (pgbench truncates history before each run, so compare the balances), and the
@@ -187,37 +150,22 @@ async fn killed_client_leaves_no_row_and_no_dirty_server() {
     let relay = Relay::start(&pg, "default_pool_size = 1", "");
     {
         let c = relay.connect().await;
-        c.batch_execute("begin; insert into k values (1)")
-            .await
-            .unwrap();
+        c.batch_execute("begin; insert into k values (1)").await.unwrap();
         // The client vanishes mid-transaction (socket closed without COMMIT or Terminate).
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     // The single server slot is usable again, outside any transaction, and the row is gone.
     let c = relay.connect().await;
-    let row = c
-        .query_one(
-            "select count(*), txid_current_if_assigned() is null from k",
-            &[],
-        )
-        .await
-        .unwrap();
+    let row = c.query_one("select count(*), txid_current_if_assigned() is null from k", &[]).await.unwrap();
     assert_eq!(row.get::<_, i64>(0), 0);
-    assert!(
-        row.get::<_, bool>(1),
-        "new client landed inside an old transaction"
-    );
+    assert!(row.get::<_, bool>(1), "new client landed inside an old transaction");
     assert_eq!(pg.psql("select count(*) from k"), "0");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pool_recovers_after_postgres_restart() {
     let pg = Pg::start();
-    let relay = Relay::start(
-        &pg,
-        "default_pool_size = 4\nserver_login_retry = \"100ms\"",
-        "",
-    );
+    let relay = Relay::start(&pg, "default_pool_size = 4\nserver_login_retry = \"100ms\"", "");
     let url = relay.url("postgres", PASSWORD);
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let ok_after = Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -256,10 +204,7 @@ async fn pool_recovers_after_postgres_restart() {
     for t in tasks {
         t.await.unwrap();
     }
-    assert!(
-        after > before + 100,
-        "queries did not resume after restart: {before} -> {after}"
-    );
+    assert!(after > before + 100, "queries did not resume after restart: {before} -> {after}");
     // A brand-new client works too.
     let c = relay.connect().await;
     c.query_one("select 1", &[]).await.unwrap();
@@ -273,49 +218,29 @@ async fn max_client_conn_refuses_with_clear_error() {
     for _ in 0..3 {
         held.push(relay.connect().await);
     }
-    let Err(e) = try_connect(&relay.url("postgres", PASSWORD)).await else {
-        panic!("4th client must be refused")
-    };
+    let Err(e) = try_connect(&relay.url("postgres", PASSWORD)).await else { panic!("4th client must be refused") };
     assert!(msg(&e).contains("max_client_conn"), "{e}");
     assert_eq!(sqlstate(&e).as_deref(), Some("53300"));
     drop(held);
     tokio::time::sleep(Duration::from_millis(200)).await;
-    relay
-        .connect()
-        .await
-        .query_one("select 1", &[])
-        .await
-        .unwrap();
+    relay.connect().await.query_one("select 1", &[]).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn query_wait_timeout_gives_an_error_not_a_hang() {
     let pg = Pg::start();
-    let relay = Relay::start(
-        &pg,
-        "default_pool_size = 1\nquery_wait_timeout = \"500ms\"",
-        "",
-    );
+    let relay = Relay::start(&pg, "default_pool_size = 1\nquery_wait_timeout = \"500ms\"", "");
     let a = relay.connect().await;
     a.batch_execute("begin; select 1").await.unwrap();
     let b = relay.connect().await;
     let t = Instant::now();
-    let e = b
-        .query_one("select 1", &[])
-        .await
-        .expect_err("b must time out waiting");
+    let e = b.query_one("select 1", &[]).await.expect_err("b must time out waiting");
     let waited = t.elapsed();
     assert!(msg(&e).contains("query_wait_timeout"), "{e}");
-    assert!(
-        waited >= Duration::from_millis(400) && waited < Duration::from_secs(5),
-        "{waited:?}"
-    );
+    assert!(waited >= Duration::from_millis(400) && waited < Duration::from_secs(5), "{waited:?}");
     // b's session survives the error, and gets a server once a is done.
     a.batch_execute("commit").await.unwrap();
-    assert_eq!(
-        b.query_one("select 2", &[]).await.unwrap().get::<_, i32>(0),
-        2
-    );
+    assert_eq!(b.query_one("select 2", &[]).await.unwrap().get::<_, i32>(0), 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -324,17 +249,11 @@ async fn query_timeout_cancels_on_the_server() {
     let relay = Relay::start(&pg, "query_timeout = \"300ms\"", "");
     let c = relay.connect().await;
     let t = Instant::now();
-    let e = c
-        .batch_execute("select pg_sleep(10)")
-        .await
-        .expect_err("must be cancelled");
+    let e = c.batch_execute("select pg_sleep(10)").await.expect_err("must be cancelled");
     assert_eq!(sqlstate(&e).as_deref(), Some("57014"), "{e}");
     assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
     // The connection is still good.
-    assert_eq!(
-        c.query_one("select 1", &[]).await.unwrap().get::<_, i32>(0),
-        1
-    );
+    assert_eq!(c.query_one("select 1", &[]).await.unwrap().get::<_, i32>(0), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -354,26 +273,18 @@ async fn cancel_request_reaches_the_right_server() {
     let e = h.await.unwrap().expect_err("cancelled");
     assert_eq!(sqlstate(&e).as_deref(), Some("57014"), "{e}");
     assert!(t.elapsed() < Duration::from_secs(2));
-    t2.await
-        .unwrap()
-        .expect("the other client's query must not be cancelled");
+    t2.await.unwrap().expect("the other client's query must not be cancelled");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_password_and_unknown_database_are_refused() {
     let pg = Pg::start();
     let relay = Relay::start(&pg, "", "");
-    let e = try_connect(&relay.url("postgres", "wrong"))
-        .await
-        .err()
-        .unwrap();
+    let e = try_connect(&relay.url("postgres", "wrong")).await.err().unwrap();
     assert_eq!(sqlstate(&e).as_deref(), Some("28P01"), "{e}");
     let e = try_connect(&relay.url("nobody", "x")).await.err().unwrap();
     assert_eq!(sqlstate(&e).as_deref(), Some("28P01"), "{e}");
-    let url = format!(
-        "host=127.0.0.1 port={} user=postgres password={PASSWORD} dbname=nope",
-        relay.port
-    );
+    let url = format!("host=127.0.0.1 port={} user=postgres password={PASSWORD} dbname=nope", relay.port);
     let e = try_connect(&url).await.err().unwrap();
     assert_eq!(sqlstate(&e).as_deref(), Some("3D000"), "{e}");
     assert!(msg(&e).contains("nope"));
@@ -384,18 +295,11 @@ async fn md5_clients_and_trust() {
     let pg = Pg::start();
     let relay = Relay::start(&pg, "", "");
     // Switch the relay to md5 via a reload: the userlist holds plaintext, so md5 works.
-    let cfg = std::fs::read_to_string(relay.config_path())
-        .unwrap()
-        .replace("scram-sha-256", "md5");
+    let cfg = std::fs::read_to_string(relay.config_path()).unwrap().replace("scram-sha-256", "md5");
     std::fs::write(relay.config_path(), cfg).unwrap();
     relay.signal("HUP");
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(
-        relay
-            .psql("postgres", PASSWORD, "postgres", "select 1")
-            .unwrap(),
-        "1"
-    );
+    assert_eq!(relay.psql("postgres", PASSWORD, "postgres", "select 1").unwrap(), "1");
     assert!(relay
         .psql("postgres", "bad", "postgres", "select 1")
         .unwrap_err()
@@ -406,37 +310,14 @@ async fn md5_clients_and_trust() {
 async fn startup_settings_follow_the_client_and_do_not_leak() {
     let pg = Pg::start();
     let relay = Relay::start(&pg, "default_pool_size = 1", "");
-    let a = connect(&format!(
-        "{} application_name=alpha options=''",
-        relay.url("postgres", PASSWORD)
-    ))
-    .await;
-    let b = connect(&format!(
-        "{} application_name=beta",
-        relay.url("postgres", PASSWORD)
-    ))
-    .await;
+    let a = connect(&format!("{} application_name=alpha options=''", relay.url("postgres", PASSWORD))).await;
+    let b = connect(&format!("{} application_name=beta", relay.url("postgres", PASSWORD))).await;
     let plain = relay.connect().await;
     for _ in 0..5 {
-        let av: String = a
-            .query_one("select current_setting('application_name')", &[])
-            .await
-            .unwrap()
-            .get(0);
-        let bv: String = b
-            .query_one("select current_setting('application_name')", &[])
-            .await
-            .unwrap()
-            .get(0);
-        let pv: String = plain
-            .query_one("select current_setting('application_name')", &[])
-            .await
-            .unwrap()
-            .get(0);
-        assert_eq!(
-            (av.as_str(), bv.as_str(), pv.as_str()),
-            ("alpha", "beta", "")
-        );
+        let av: String = a.query_one("select current_setting('application_name')", &[]).await.unwrap().get(0);
+        let bv: String = b.query_one("select current_setting('application_name')", &[]).await.unwrap().get(0);
+        let pv: String = plain.query_one("select current_setting('application_name')", &[]).await.unwrap().get(0);
+        assert_eq!((av.as_str(), bv.as_str(), pv.as_str()), ("alpha", "beta", ""));
     }
 }
 
@@ -450,49 +331,28 @@ async fn session_and_statement_modes() {
             .replace("PGPORT", &pg.port.to_string())
             .as_str(),
     );
-    let sess = connect(&format!(
-        "host=127.0.0.1 port={} user=postgres password={PASSWORD} dbname=sess",
-        relay.port
-    ))
-    .await;
+    let sess =
+        connect(&format!("host=127.0.0.1 port={} user=postgres password={PASSWORD} dbname=sess", relay.port)).await;
     sess.batch_execute("set work_mem = '7MB'").await.unwrap();
     let v: String = sess.query_one("show work_mem", &[]).await.unwrap().get(0);
     assert_eq!(v, "7MB");
     drop(sess);
     tokio::time::sleep(Duration::from_millis(200)).await;
     // After the session ends, DISCARD ALL ran: the next session starts clean.
-    let sess = connect(&format!(
-        "host=127.0.0.1 port={} user=postgres password={PASSWORD} dbname=sess",
-        relay.port
-    ))
-    .await;
+    let sess =
+        connect(&format!("host=127.0.0.1 port={} user=postgres password={PASSWORD} dbname=sess", relay.port)).await;
     let v: String = sess.query_one("show work_mem", &[]).await.unwrap().get(0);
     assert_eq!(v, "4MB");
 
-    let stmt = connect(&format!(
-        "host=127.0.0.1 port={} user=postgres password={PASSWORD} dbname=stmt",
-        relay.port
-    ))
-    .await;
-    assert_eq!(
-        stmt.query_one("select 5", &[])
-            .await
-            .unwrap()
-            .get::<_, i32>(0),
-        5
-    );
+    let stmt =
+        connect(&format!("host=127.0.0.1 port={} user=postgres password={PASSWORD} dbname=stmt", relay.port)).await;
+    assert_eq!(stmt.query_one("select 5", &[]).await.unwrap().get::<_, i32>(0), 5);
     let e = stmt.batch_execute("begin").await.err();
     let e = match e {
         Some(e) => e,
-        None => stmt
-            .query_one("select 1", &[])
-            .await
-            .expect_err("connection closed after refusing BEGIN"),
+        None => stmt.query_one("select 1", &[]).await.expect_err("connection closed after refusing BEGIN"),
     };
-    assert!(
-        msg(&e).contains("statement pooling") || e.is_closed(),
-        "{e}"
-    );
+    assert!(msg(&e).contains("statement pooling") || e.is_closed(), "{e}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -500,67 +360,29 @@ async fn copy_large_rows_and_large_queries() {
     let pg = Pg::start();
     let relay = Relay::start(&pg, "", "");
     let c = relay.connect().await;
-    c.batch_execute("create table big(id int, v text)")
-        .await
-        .unwrap();
+    c.batch_execute("create table big(id int, v text)").await.unwrap();
     // A 20 MB value through the relay both ways (streams through without being buffered whole).
     let big = "x".repeat(20 << 20);
-    c.execute("insert into big values (1, $1)", &[&big])
-        .await
-        .unwrap();
-    let got: String = c
-        .query_one("select v from big where id = 1", &[])
-        .await
-        .unwrap()
-        .get(0);
+    c.execute("insert into big values (1, $1)", &[&big]).await.unwrap();
+    let got: String = c.query_one("select v from big where id = 1", &[]).await.unwrap().get(0);
     assert_eq!(got.len(), big.len());
     // A 1 MB query text.
     let list: Vec<String> = (0..150_000).map(|i| i.to_string()).collect();
     let q = format!("select count(*) from (values ({})) v", list.join("),("));
     assert!(q.len() > 1_000_000);
-    assert_eq!(
-        c.query_one(q.as_str(), &[]).await.unwrap().get::<_, i64>(0),
-        150_000
-    );
+    assert_eq!(c.query_one(q.as_str(), &[]).await.unwrap().get::<_, i64>(0), 150_000);
     // COPY in and out through psql.
     let dir = relay.dir.path().join("in.csv");
-    std::fs::write(
-        &dir,
-        (1..=5000)
-            .map(|i| format!("{i},row{i}\n"))
-            .collect::<String>(),
-    )
-    .unwrap();
+    std::fs::write(&dir, (1..=5000).map(|i| format!("{i},row{i}\n")).collect::<String>()).unwrap();
     let st = std::process::Command::new("psql")
-        .args([
-            "-X",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &relay.port.to_string(),
-            "-U",
-            "postgres",
-            "-d",
-            "postgres",
-        ])
+        .args(["-X", "-h", "127.0.0.1", "-p", &relay.port.to_string(), "-U", "postgres", "-d", "postgres"])
         .args(["-c", "create table cp2(a int, b text)", "-c"])
         .arg(format!("\\copy cp2 from '{}' csv", dir.display()))
         .env("PGPASSWORD", PASSWORD)
         .output()
         .unwrap();
-    assert!(
-        st.status.success(),
-        "{}",
-        String::from_utf8_lossy(&st.stderr)
-    );
-    let out = relay
-        .psql(
-            "postgres",
-            PASSWORD,
-            "postgres",
-            "copy (select sum(a) from cp2) to stdout",
-        )
-        .unwrap();
+    assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
+    let out = relay.psql("postgres", PASSWORD, "postgres", "copy (select sum(a) from cp2) to stdout").unwrap();
     assert_eq!(out, (1..=5000).sum::<i64>().to_string());
 }
 
@@ -570,43 +392,21 @@ async fn admin_console_from_psql() {
     let relay = Relay::start(&pg, "", "");
     let c = relay.connect().await;
     c.query_one("select 1", &[]).await.unwrap();
-    let pools = relay
-        .psql("pgrelay", "admin", "pgrelay", "show pools")
-        .unwrap();
+    let pools = relay.psql("pgrelay", "admin", "pgrelay", "show pools").unwrap();
     assert!(pools.contains("postgres|postgres|"), "{pools}");
-    let ver = relay
-        .psql("pgrelay", "admin", "pgbouncer", "show version")
-        .unwrap();
+    let ver = relay.psql("pgrelay", "admin", "pgbouncer", "show version").unwrap();
     assert!(ver.starts_with("pgrelay"), "{ver}");
-    for cmd in [
-        "show stats",
-        "show clients",
-        "show servers",
-        "show databases",
-        "show config",
-        "show lists",
-    ] {
-        relay
-            .psql("pgrelay", "admin", "pgrelay", cmd)
-            .unwrap_or_else(|e| panic!("{cmd}: {e}"));
+    for cmd in ["show stats", "show clients", "show servers", "show databases", "show config", "show lists"] {
+        relay.psql("pgrelay", "admin", "pgrelay", cmd).unwrap_or_else(|e| panic!("{cmd}: {e}"));
     }
-    let stats = relay
-        .psql("stats", "stats", "pgrelay", "show stats")
-        .unwrap();
+    let stats = relay.psql("stats", "stats", "pgrelay", "show stats").unwrap();
     assert!(stats.starts_with("postgres|"), "{stats}");
-    let e = relay
-        .psql("stats", "stats", "pgrelay", "pause")
-        .unwrap_err();
+    let e = relay.psql("stats", "stats", "pgrelay", "pause").unwrap_err();
     assert!(e.contains("admin access"), "{e}");
-    let e = relay
-        .psql("postgres", PASSWORD, "pgrelay", "show pools")
-        .unwrap_err();
+    let e = relay.psql("postgres", PASSWORD, "pgrelay", "show pools").unwrap_err();
     assert!(e.contains("access denied"), "{e}");
     let metrics = relay.http_get("/metrics");
-    assert!(
-        metrics.contains("db_query_duration_seconds_bucket"),
-        "{metrics}"
-    );
+    assert!(metrics.contains("db_query_duration_seconds_bucket"), "{metrics}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -616,20 +416,13 @@ async fn sigterm_drains_running_transactions() {
     let mut relay = Relay::start(&pg, "shutdown_timeout = \"10s\"", "");
     let c = relay.connect().await;
     let idle = relay.connect().await;
-    c.batch_execute("begin; insert into d values (1)")
-        .await
-        .unwrap();
+    c.batch_execute("begin; insert into d values (1)").await.unwrap();
     relay.signal("TERM");
     tokio::time::sleep(Duration::from_millis(300)).await;
     // New clients are refused, the running transaction can still commit.
     assert!(try_connect(&relay.url("postgres", PASSWORD)).await.is_err());
-    c.batch_execute("insert into d values (2); commit")
-        .await
-        .unwrap();
-    assert!(
-        relay.wait_exit(Duration::from_secs(5)),
-        "pgrelay did not exit after the drain"
-    );
+    c.batch_execute("insert into d values (2); commit").await.unwrap();
+    assert!(relay.wait_exit(Duration::from_secs(5)), "pgrelay did not exit after the drain");
     assert_eq!(pg.psql("select count(*) from d"), "2");
     assert!(idle.query_one("select 1", &[]).await.is_err());
 }
@@ -658,9 +451,7 @@ fn startup_packet_handling() {
     let mut pkt = Vec::new();
     pkt.extend_from_slice(&0u32.to_be_bytes());
     pkt.extend_from_slice(&((3u32 << 16) | 2).to_be_bytes());
-    for kv in [
-        "user", "postgres", "database", "postgres", "_pq_.foo", "1", "",
-    ] {
+    for kv in ["user", "postgres", "database", "postgres", "_pq_.foo", "1", ""] {
         pkt.extend_from_slice(kv.as_bytes());
         pkt.push(0);
     }
@@ -684,10 +475,5 @@ fn startup_packet_handling() {
     let mut buf = Vec::new();
     let _ = s.read_to_end(&mut buf);
     assert_eq!(buf.first(), Some(&b'E'));
-    assert_eq!(
-        relay
-            .psql("postgres", PASSWORD, "postgres", "select 1")
-            .unwrap(),
-        "1"
-    );
+    assert_eq!(relay.psql("postgres", PASSWORD, "postgres", "select 1").unwrap(), "1");
 }

@@ -36,10 +36,7 @@ pub struct ClientConn {
 impl ClientConn {
     async fn flush(&mut self) -> Result<()> {
         if !self.wbuf.is_empty() {
-            self.stream
-                .write_all(&self.wbuf)
-                .await
-                .map_err(Error::Client)?;
+            self.stream.write_all(&self.wbuf).await.map_err(Error::Client)?;
             self.wbuf.clear();
         }
         Ok(())
@@ -53,11 +50,7 @@ impl ClientConn {
 
     async fn read_exact_n(&mut self, n: usize) -> Result<BytesMut> {
         while self.rbuf.len() < n {
-            let got = self
-                .stream
-                .read_buf(&mut self.rbuf)
-                .await
-                .map_err(Error::Client)?;
+            let got = self.stream.read_buf(&mut self.rbuf).await.map_err(Error::Client)?;
             if got == 0 {
                 return Err(Error::Client(std::io::ErrorKind::UnexpectedEof.into()));
             }
@@ -73,11 +66,7 @@ impl ClientConn {
                 f.advance(5);
                 return Ok((t, f));
             }
-            let got = self
-                .stream
-                .read_buf(&mut self.rbuf)
-                .await
-                .map_err(Error::Client)?;
+            let got = self.stream.read_buf(&mut self.rbuf).await.map_err(Error::Client)?;
             if got == 0 {
                 return Err(Error::Client(std::io::ErrorKind::UnexpectedEof.into()));
             }
@@ -108,8 +97,7 @@ pub async fn serve(shared: Arc<Shared>, socket: TcpStream, addr: SocketAddr) {
             Ok(r) => r,
             Err(_) => {
                 info!(client = %addr, "client_login_timeout: closing");
-                conn.fatal(sqlstate::PROTOCOL_VIOLATION, "client_login_timeout")
-                    .await;
+                conn.fatal(sqlstate::PROTOCOL_VIOLATION, "client_login_timeout").await;
                 return;
             }
         },
@@ -130,21 +118,12 @@ pub async fn serve(shared: Arc<Shared>, socket: TcpStream, addr: SocketAddr) {
         return;
     }
     let Some(pool) = shared.pool(&startup.database, &startup.user) else {
-        conn.fatal(
-            sqlstate::UNKNOWN_DATABASE,
-            &format!("no such database: {}", startup.database),
-        )
-        .await;
+        conn.fatal(sqlstate::UNKNOWN_DATABASE, &format!("no such database: {}", startup.database)).await;
         return;
     };
     let id = shared.next_client_id.fetch_add(1, Ordering::Relaxed);
     let cancel_key = new_cancel_key(&shared);
-    let app = startup
-        .params
-        .iter()
-        .find(|(k, _)| k == "application_name")
-        .map(|(_, v)| v.clone())
-        .unwrap_or_default();
+    let app = startup.params.iter().find(|(k, _)| k == "application_name").map(|(_, v)| v.clone()).unwrap_or_default();
     let info = Arc::new(ClientInfo {
         id,
         addr,
@@ -173,13 +152,7 @@ pub async fn serve(shared: Arc<Shared>, socket: TcpStream, addr: SocketAddr) {
         let server_params = match cached {
             Some(p) => p,
             None => {
-                let deadline = shared
-                    .config
-                    .load()
-                    .proxy
-                    .query_wait_timeout
-                    .get()
-                    .map(|d| Instant::now() + d);
+                let deadline = shared.config.load().proxy.query_wait_timeout.get().map(|d| Instant::now() + d);
                 match pool.checkout(deadline).await {
                     Ok(c) => {
                         let p = c.params.clone();
@@ -187,11 +160,8 @@ pub async fn serve(shared: Arc<Shared>, socket: TcpStream, addr: SocketAddr) {
                         p
                     }
                     Err(e) => {
-                        conn.fatal(
-                            sqlstate::CANNOT_CONNECT,
-                            &format!("pgrelay: could not connect to server: {e}"),
-                        )
-                        .await;
+                        conn.fatal(sqlstate::CANNOT_CONNECT, &format!("pgrelay: could not connect to server: {e}"))
+                            .await;
                         return Err(e);
                     }
                 }
@@ -200,9 +170,7 @@ pub async fn serve(shared: Arc<Shared>, socket: TcpStream, addr: SocketAddr) {
         authentication_ok(&mut conn, &server_params, &startup.params, cancel_key);
         conn.flush().await?;
         info.set_state(ClientState::Idle, shared.micros(Instant::now()));
-        relay::Session::new(shared.clone(), info.clone(), pool.clone(), startup.params)
-            .run(&mut conn)
-            .await
+        relay::Session::new(shared.clone(), info.clone(), pool.clone(), startup.params).run(&mut conn).await
     }
     .await;
     if let Err(e) = result {
@@ -227,19 +195,10 @@ fn new_cancel_key(shared: &Shared) -> (i32, i32) {
 }
 
 /// AuthenticationOk, ParameterStatus (the server's, with the client's own settings on top), BackendKeyData, ReadyForQuery.
-fn authentication_ok(
-    conn: &mut ClientConn,
-    server: &[(String, String)],
-    client: &[(String, String)],
-    key: (i32, i32),
-) {
+fn authentication_ok(conn: &mut ClientConn, server: &[(String, String)], client: &[(String, String)], key: (i32, i32)) {
     protocol::authentication(&mut conn.wbuf, Authentication::Ok);
     for (k, v) in server {
-        let v = client
-            .iter()
-            .find(|(ck, _)| ck.eq_ignore_ascii_case(k))
-            .map(|(_, cv)| cv)
-            .unwrap_or(v);
+        let v = client.iter().find(|(ck, _)| ck.eq_ignore_ascii_case(k)).map(|(_, cv)| cv).unwrap_or(v);
         protocol::parameter_status(&mut conn.wbuf, k, v);
     }
     protocol::backend_key_data(&mut conn.wbuf, key.0, key.1);
@@ -255,11 +214,7 @@ async fn startup(shared: &Arc<Shared>, conn: &mut ClientConn) -> Result<Option<S
             Ok(l) => l,
             Err(e) => {
                 warn!(client = %conn.addr, error = %e, "bad startup packet");
-                conn.fatal(
-                    sqlstate::PROTOCOL_VIOLATION,
-                    &format!("invalid startup packet: {e}"),
-                )
-                .await;
+                conn.fatal(sqlstate::PROTOCOL_VIOLATION, &format!("invalid startup packet: {e}")).await;
                 return Ok(None);
             }
         };
@@ -269,18 +224,13 @@ async fn startup(shared: &Arc<Shared>, conn: &mut ClientConn) -> Result<Option<S
                 negotiations += 1;
                 if !conn.rbuf.is_empty() {
                     // Bytes after an SSLRequest before our answer would be a downgrade/injection attempt.
-                    conn.fatal(
-                        sqlstate::PROTOCOL_VIOLATION,
-                        "unexpected data after SSL request",
-                    )
-                    .await;
+                    conn.fatal(sqlstate::PROTOCOL_VIOLATION, "unexpected data after SSL request").await;
                     return Ok(None);
                 }
                 conn.stream.write_all(b"N").await.map_err(Error::Client)?;
             }
             Ok(StartupPacket::Ssl) | Ok(StartupPacket::GssEnc) => {
-                conn.fatal(sqlstate::PROTOCOL_VIOLATION, "too many encryption requests")
-                    .await;
+                conn.fatal(sqlstate::PROTOCOL_VIOLATION, "too many encryption requests").await;
                 return Ok(None);
             }
             Ok(StartupPacket::Cancel { pid, key }) => {
@@ -290,31 +240,18 @@ async fn startup(shared: &Arc<Shared>, conn: &mut ClientConn) -> Result<Option<S
             Ok(StartupPacket::Startup { minor, params }) => break (minor, params),
             Err(e) => {
                 warn!(client = %conn.addr, error = %e, "bad startup packet");
-                conn.fatal(sqlstate::PROTOCOL_VIOLATION, &e.to_string())
-                    .await;
+                conn.fatal(sqlstate::PROTOCOL_VIOLATION, &e.to_string()).await;
                 return Ok(None);
             }
         }
     };
-    let unsupported: Vec<String> = params
-        .iter()
-        .filter(|(k, _)| k.starts_with("_pq_."))
-        .map(|(k, _)| k.clone())
-        .collect();
+    let unsupported: Vec<String> =
+        params.iter().filter(|(k, _)| k.starts_with("_pq_.")).map(|(k, _)| k.clone()).collect();
     if minor > 0 || !unsupported.is_empty() {
         protocol::negotiate_protocol_version(&mut conn.wbuf, 0, unsupported);
     }
-    let Some(user) = params
-        .iter()
-        .find(|(k, _)| k == "user")
-        .map(|(_, v)| v.clone())
-        .filter(|u| !u.is_empty())
-    else {
-        conn.fatal(
-            sqlstate::INVALID_AUTHORIZATION,
-            "no PostgreSQL user name specified in startup packet",
-        )
-        .await;
+    let Some(user) = params.iter().find(|(k, _)| k == "user").map(|(_, v)| v.clone()).filter(|u| !u.is_empty()) else {
+        conn.fatal(sqlstate::INVALID_AUTHORIZATION, "no PostgreSQL user name specified in startup packet").await;
         return Ok(None);
     };
     let database = params
@@ -327,34 +264,16 @@ async fn startup(shared: &Arc<Shared>, conn: &mut ClientConn) -> Result<Option<S
     let mut settings = Vec::new();
     for (k, v) in params.into_iter().filter(|(k, _)| !k.starts_with("_pq_.")) {
         if k == "replication" {
-            conn.fatal(
-                sqlstate::FEATURE_NOT_SUPPORTED,
-                "pgrelay does not pool replication connections",
-            )
-            .await;
+            conn.fatal(sqlstate::FEATURE_NOT_SUPPORTED, "pgrelay does not pool replication connections").await;
             return Ok(None);
         }
-        if k == "options"
-            && !v.trim().is_empty()
-            && !cfg
-                .proxy
-                .ignore_startup_parameters
-                .iter()
-                .any(|i| i == "options")
+        if k == "options" && !v.trim().is_empty() && !cfg.proxy.ignore_startup_parameters.iter().any(|i| i == "options")
         {
-            conn.fatal(
-                sqlstate::FEATURE_NOT_SUPPORTED,
-                "unsupported startup parameter: options",
-            )
-            .await;
+            conn.fatal(sqlstate::FEATURE_NOT_SUPPORTED, "unsupported startup parameter: options").await;
             return Ok(None);
         }
         if NOT_SETTINGS.contains(&k.as_str())
-            || cfg
-                .proxy
-                .ignore_startup_parameters
-                .iter()
-                .any(|i| i.eq_ignore_ascii_case(&k))
+            || cfg.proxy.ignore_startup_parameters.iter().any(|i| i.eq_ignore_ascii_case(&k))
         {
             continue;
         }
@@ -362,30 +281,17 @@ async fn startup(shared: &Arc<Shared>, conn: &mut ClientConn) -> Result<Option<S
     }
     let is_admin_db = database == "pgrelay" || database == "pgbouncer";
     if !is_admin_db && !cfg.databases.contains_key(&database) {
-        conn.fatal(
-            sqlstate::UNKNOWN_DATABASE,
-            &format!("no such database: {database}"),
-        )
-        .await;
+        conn.fatal(sqlstate::UNKNOWN_DATABASE, &format!("no such database: {database}")).await;
         return Ok(None);
     }
     if !authenticate(shared, conn, &user, &database).await? {
         return Ok(None);
     }
-    Ok(Some(Startup {
-        user,
-        database,
-        params: settings,
-    }))
+    Ok(Some(Startup { user, database, params: settings }))
 }
 
 /// Authenticates the client per `[auth] type`. `Ok(false)` after a refusal was sent.
-async fn authenticate(
-    shared: &Arc<Shared>,
-    conn: &mut ClientConn,
-    user: &str,
-    database: &str,
-) -> Result<bool> {
+async fn authenticate(shared: &Arc<Shared>, conn: &mut ClientConn, user: &str, database: &str) -> Result<bool> {
     let kind = shared.config.load().auth.kind;
     if kind == AuthType::Trust {
         return Ok(true);
@@ -419,8 +325,7 @@ async fn authenticate(
         conn.flush().await?;
         let (t, body) = conn.read_message().await?;
         if t != b'p' {
-            conn.fatal(sqlstate::PROTOCOL_VIOLATION, "expected password message")
-                .await;
+            conn.fatal(sqlstate::PROTOCOL_VIOLATION, "expected password message").await;
             return Ok(false);
         }
         let resp = body.strip_suffix(b"\0").unwrap_or(&body);
@@ -448,32 +353,21 @@ async fn scram_exchange(
             return Ok(false);
         }
     };
-    protocol::authentication(
-        &mut conn.wbuf,
-        Authentication::SASL(vec!["SCRAM-SHA-256".into()]),
-    );
+    protocol::authentication(&mut conn.wbuf, Authentication::SASL(vec!["SCRAM-SHA-256".into()]));
     conn.flush().await?;
     let (t, body) = conn.read_message().await?;
     let mut r = &body[..];
     let mech = protocol::take_cstr(&mut r).unwrap_or("");
     let len = protocol::take_i32(&mut r).unwrap_or(-1);
     if t != b'p' || mech != "SCRAM-SHA-256" || len < 0 || len as usize != r.len() {
-        conn.fatal(
-            sqlstate::PROTOCOL_VIOLATION,
-            "malformed SASLInitialResponse or unsupported mechanism",
-        )
-        .await;
+        conn.fatal(sqlstate::PROTOCOL_VIOLATION, "malformed SASLInitialResponse or unsupported mechanism").await;
         return Ok(false);
     }
     let first = match server.client_first(r) {
         Ok(m) => m,
         Err(e) => {
             info!(client = %conn.addr, error = %e, "bad SCRAM client-first message");
-            conn.fatal(
-                sqlstate::PROTOCOL_VIOLATION,
-                &format!("malformed SCRAM message: {e}"),
-            )
-            .await;
+            conn.fatal(sqlstate::PROTOCOL_VIOLATION, &format!("malformed SCRAM message: {e}")).await;
             return Ok(false);
         }
     };
@@ -481,8 +375,7 @@ async fn scram_exchange(
     conn.flush().await?;
     let (t, body) = conn.read_message().await?;
     if t != b'p' {
-        conn.fatal(sqlstate::PROTOCOL_VIOLATION, "expected SASLResponse")
-            .await;
+        conn.fatal(sqlstate::PROTOCOL_VIOLATION, "expected SASLResponse").await;
         return Ok(false);
     }
     match server.client_final(&body) {
@@ -491,10 +384,8 @@ async fn scram_exchange(
             if let (Some(ck), Secret::Scram(v)) = (server.client_key(), secret) {
                 // The server may want SCRAM too and we only hold the verifier: reuse the keys this client proved.
                 let cfg = shared.config.load();
-                let server_user_is_client = cfg
-                    .databases
-                    .get(database)
-                    .is_none_or(|d| d.user.is_none() && d.password.is_none());
+                let server_user_is_client =
+                    cfg.databases.get(database).is_none_or(|d| d.user.is_none() && d.password.is_none());
                 if server_user_is_client {
                     if let Some(pool) = shared.pool(database, user) {
                         let keys = Some((ck, v.server_key));
@@ -519,10 +410,7 @@ async fn scram_exchange(
 
 /// Forwards a client's CancelRequest to the server running its query, if any.
 async fn forward_cancel(shared: &Arc<Shared>, pid: i32, key: i32) {
-    let target = shared
-        .cancel_keys
-        .get(&(pid, key))
-        .and_then(|c| c.linked.lock().clone());
+    let target = shared.cancel_keys.get(&(pid, key)).and_then(|c| c.linked.lock().clone());
     match target {
         Some(t) => {
             debug!(server = %t.target, "forwarding cancel request");

@@ -51,9 +51,32 @@ enum Expect {
         start: Instant,
         qtype: QueryType,
         set: Option<Box<SessionCommand>>,
+        obs: Observed,
     },
     /// An answer the proxy makes up (ParseComplete '1' or CloseComplete '3') once everything before it is answered.
     Synth(u8),
+}
+
+/// What the observer needs about one query: its fingerprint and where its text and parameters are kept.
+#[derive(Debug, Default, Clone)]
+struct Observed {
+    /// 0 when observability was off when it was sent.
+    fp: u64,
+    /// Sequence numbers into the session's text and Bind rings (0 = none).
+    text: u32,
+    bind: u32,
+    prepared: Option<Arc<Prepared>>,
+}
+
+/// Slots of recent query texts and Bind messages, reused so capture costs a copy, not an allocation.
+const RING: usize = 8;
+
+#[derive(Default)]
+struct TextSlot {
+    seq: u32,
+    text: String,
+    /// Parameter types of an unnamed Parse.
+    types: Vec<u8>,
 }
 
 /// What woke the loop.
@@ -90,21 +113,24 @@ pub struct Session {
     /// Close at the next transaction boundary (drain).
     close_at_boundary: Option<(&'static str, String)>,
     out: BytesMut,
+    observer: Arc<crate::observe::Observer>,
+    /// Observability on for the batch being forwarded.
+    obs_on: bool,
+    cur: Observed,
+    texts: Vec<TextSlot>,
+    binds: Vec<(u32, Vec<u8>)>,
+    seq: u32,
+    /// Raw-text hash → fingerprint, so a repeated query is normalised once.
+    fp_cache: HashMap<u64, u64>,
+    rows: u64,
+    last_error: Option<String>,
 }
 
 impl Session {
     /// A session for a client that just logged in.
-    pub fn new(
-        shared: Arc<Shared>,
-        info: Arc<ClientInfo>,
-        pool: Arc<Pool>,
-        params: Vec<(String, String)>,
-    ) -> Session {
+    pub fn new(shared: Arc<Shared>, info: Arc<ClientInfo>, pool: Arc<Pool>, params: Vec<(String, String)>) -> Session {
         let cfg = shared.config.load();
-        let params = params
-            .into_iter()
-            .map(|(k, v)| (k, protocol::quote_literal(&v)))
-            .collect();
+        let params = params.into_iter().map(|(k, v)| (k, protocol::quote_literal(&v))).collect();
         Session {
             mode: pool.settings.load().pool_mode,
             max_packet: cfg.proxy.max_packet_size,
@@ -124,6 +150,15 @@ impl Session {
             linked_at: None,
             close_at_boundary: None,
             out: BytesMut::with_capacity(16 * 1024),
+            observer: shared.observer.clone(),
+            obs_on: false,
+            cur: Observed::default(),
+            texts: (0..RING).map(|_| TextSlot::default()).collect(),
+            binds: (0..RING).map(|_| (0, Vec::new())).collect(),
+            seq: 0,
+            fp_cache: HashMap::new(),
+            rows: 0,
+            last_error: None,
         }
     }
 
@@ -158,10 +193,7 @@ impl Session {
             match ev {
                 Event::Client(Ok(0)) | Event::Client(Err(_)) => break Ok(()),
                 Event::Client(Ok(n)) => {
-                    self.pool
-                        .stats
-                        .bytes_received
-                        .fetch_add(n as u64, Ordering::Relaxed);
+                    self.pool.stats.bytes_received.fetch_add(n as u64, Ordering::Relaxed);
                     match self.on_client_data(conn, &mut server).await {
                         Ok(true) => {}
                         Ok(false) => break Ok(()),
@@ -169,9 +201,7 @@ impl Session {
                     }
                 }
                 Event::Server(r) => {
-                    let srv = server
-                        .as_mut()
-                        .expect("server events only arrive while linked");
+                    let srv = server.as_mut().expect("server events only arrive while linked");
                     let r = match r {
                         Ok(0) => Err(Error::Server(std::io::ErrorKind::UnexpectedEof.into())),
                         Ok(_) => self.on_server_data(conn, srv).await,
@@ -204,12 +234,9 @@ impl Session {
                 }
                 Event::Kill => {
                     let reason = self.info.kill_reason.lock().take();
-                    let (code, msg) = reason.unwrap_or((
-                        sqlstate::ADMIN_SHUTDOWN,
-                        "closing because of an admin command".into(),
-                    ));
-                    let at_boundary =
-                        code == sqlstate::ADMIN_SHUTDOWN && msg.contains("shutting down");
+                    let (code, msg) =
+                        reason.unwrap_or((sqlstate::ADMIN_SHUTDOWN, "closing because of an admin command".into()));
+                    let at_boundary = code == sqlstate::ADMIN_SHUTDOWN && msg.contains("shutting down");
                     if at_boundary && server.is_some() {
                         self.close_at_boundary = Some((code, msg));
                         kill.set(info.kill.notified());
@@ -239,14 +266,11 @@ impl Session {
 
     /// Scans complete client frames, links a server when one is needed, rewrites what must be rewritten and forwards
     /// the batch in one write. `Ok(false)` = the client is done.
-    async fn on_client_data(
-        &mut self,
-        conn: &mut ClientConn,
-        server: &mut Option<PooledConn>,
-    ) -> Result<bool> {
+    async fn on_client_data(&mut self, conn: &mut ClientConn, server: &mut Option<PooledConn>) -> Result<bool> {
         let now = Instant::now();
         let mut consumed = 0;
         let mut terminate = false;
+        self.obs_on = self.observer.enabled();
         loop {
             let buf = &conn.rbuf[consumed..];
             let (t, len) = match protocol::frame_header(buf, self.max_packet) {
@@ -254,11 +278,7 @@ impl Session {
                 Ok(None) => break,
                 Err(e) => {
                     warn!(client = %conn.addr, error = %e, "client protocol violation");
-                    conn.fatal(
-                        sqlstate::PROTOCOL_VIOLATION,
-                        &format!("invalid message: {e}"),
-                    )
-                    .await;
+                    conn.fatal(sqlstate::PROTOCOL_VIOLATION, &format!("invalid message: {e}")).await;
                     return Err(e.into());
                 }
             };
@@ -272,18 +292,11 @@ impl Session {
                     consumed += len;
                     break;
                 }
-                b'Q' | b'P' | b'B' | b'E' | b'D' | b'C' | b'S' | b'H' | b'F' | b'd' | b'c'
-                | b'f' => {}
+                b'Q' | b'P' | b'B' | b'E' | b'D' | b'C' | b'S' | b'H' | b'F' | b'd' | b'c' | b'f' => {}
                 other => {
                     warn!(client = %conn.addr, msg_type = other, "invalid frontend message type");
-                    conn.fatal(
-                        sqlstate::PROTOCOL_VIOLATION,
-                        &format!("invalid frontend message type {other}"),
-                    )
-                    .await;
-                    return Err(Error::ClientProtocol(protocol::ProtocolError::Malformed(
-                        "message type",
-                    )));
+                    conn.fatal(sqlstate::PROTOCOL_VIOLATION, &format!("invalid frontend message type {other}")).await;
+                    return Err(Error::ClientProtocol(protocol::ProtocolError::Malformed("message type")));
                 }
             }
             // Messages that can be answered here need no server.
@@ -294,9 +307,7 @@ impl Session {
                         true
                     }
                     b'H' if !self.open_extended => true,
-                    b'Q' if self.rewrites() => {
-                        self.answer_locally(&mut conn.wbuf, &buf[5..len], b'I')
-                    }
+                    b'Q' if self.rewrites() => self.answer_locally(&mut conn.wbuf, &buf[5..len], b'I'),
                     _ => false,
                 };
                 if local {
@@ -315,11 +326,7 @@ impl Session {
             let srv = server.as_mut().expect("linked above");
             if t == b'Q' && self.rewrites() && self.expect.is_empty() && self.out.is_empty() {
                 let status = srv.tx_status;
-                if self.answer_locally(
-                    &mut conn.wbuf,
-                    &conn.rbuf[consumed + 5..consumed + len],
-                    status,
-                ) {
+                if self.answer_locally(&mut conn.wbuf, &conn.rbuf[consumed + 5..consumed + len], status) {
                     consumed += len;
                     continue;
                 }
@@ -336,26 +343,16 @@ impl Session {
         if !self.out.is_empty() {
             let srv = server.as_mut().expect("output only exists while linked");
             if let Some(start) = self.expect.iter().find_map(|e| match e {
-                Expect::Ready {
-                    start,
-                    swallow: false,
-                    ..
-                } => Some(*start),
+                Expect::Ready { start, swallow: false, .. } => Some(*start),
                 _ => None,
             }) {
-                self.info
-                    .query_start_us
-                    .store(self.shared.micros(start), Ordering::Relaxed);
+                self.info.query_start_us.store(self.shared.micros(start), Ordering::Relaxed);
             }
             self.info.idle_in_tx.store(false, Ordering::Relaxed);
             let r = srv.stream.write_all(&self.out).await;
             self.out.clear();
             if let Err(e) = r {
-                conn.fatal(
-                    sqlstate::CONNECTION_FAILURE,
-                    "server connection failed while sending",
-                )
-                .await;
+                conn.fatal(sqlstate::CONNECTION_FAILURE, "server connection failed while sending").await;
                 return Err(Error::Server(e));
             }
         }
@@ -374,9 +371,7 @@ impl Session {
                 if rewrites {
                     match prepared::classify(sql) {
                         Some(
-                            cmd @ (SessionCommand::Set { .. }
-                            | SessionCommand::Reset(_)
-                            | SessionCommand::ResetAll),
+                            cmd @ (SessionCommand::Set { .. } | SessionCommand::Reset(_) | SessionCommand::ResetAll),
                         ) => set = Some(Box::new(cmd)),
                         Some(SessionCommand::DiscardAll | SessionCommand::DeallocateAll) => {
                             // The server forgets its statements; so must we.
@@ -387,13 +382,13 @@ impl Session {
                         _ => {}
                     }
                 }
+                let obs = if self.obs_on {
+                    Observed { fp: self.fingerprint(sql), text: self.save_text(sql, &[]), bind: 0, prepared: None }
+                } else {
+                    Observed::default()
+                };
                 self.out.extend_from_slice(frame);
-                self.expect.push_back(Expect::Ready {
-                    swallow: false,
-                    start: now,
-                    qtype: self.cur_qtype,
-                    set,
-                });
+                self.expect.push_back(Expect::Ready { swallow: false, start: now, qtype: self.cur_qtype, set, obs });
             }
             b'P' => {
                 self.open_extended = true;
@@ -403,27 +398,27 @@ impl Session {
                     let _ = take_cstr(&mut r);
                     let sql = take_cstr(&mut r).unwrap_or("");
                     self.cur_qtype = query_type(sql);
+                    if self.obs_on {
+                        self.cur = Observed {
+                            fp: self.fingerprint(sql),
+                            text: self.save_text(sql, r),
+                            bind: 0,
+                            prepared: None,
+                        };
+                    }
                     if rewrites {
                         if let Some(SessionCommand::Pin(what)) = prepared::advisory(sql) {
                             self.pin(what);
                         }
                     }
                     self.out.extend_from_slice(frame);
-                    self.expect.push_back(Expect::Parse {
-                        swallow: false,
-                        hash: None,
-                        client: None,
-                    });
+                    self.expect.push_back(Expect::Parse { swallow: false, hash: None, client: None });
                     return;
                 }
                 let Some((client_name, p)) = prepared::from_parse(body) else {
                     // Malformed: let the server say so.
                     self.out.extend_from_slice(frame);
-                    self.expect.push_back(Expect::Parse {
-                        swallow: false,
-                        hash: None,
-                        client: None,
-                    });
+                    self.expect.push_back(Expect::Parse { swallow: false, hash: None, client: None });
                     return;
                 };
                 if let Some(SessionCommand::Pin(what)) = prepared::advisory(&p.query) {
@@ -434,6 +429,9 @@ impl Session {
                     Some(old) if old.hash == p.hash => old.clone(),
                     _ => Arc::new(p),
                 };
+                if self.obs_on {
+                    self.cur = Observed { fp: p.fingerprint, text: 0, bind: 0, prepared: Some(p.clone()) };
+                }
                 self.statements.insert(client_name.clone(), p.clone());
                 if srv.statements.touch(p.hash) {
                     self.expect.push_back(Expect::Synth(b'1'));
@@ -444,6 +442,14 @@ impl Session {
             b'B' | b'D' | b'C' => {
                 self.open_extended = true;
                 let stmt = self.statement_ref(t, body);
+                if t == b'B' && self.obs_on {
+                    self.cur.bind = self.save_bind(body);
+                    if let Some(p) = &stmt {
+                        self.cur.fp = p.fingerprint;
+                        self.cur.text = 0;
+                        self.cur.prepared = Some(p.clone());
+                    }
+                }
                 match stmt {
                     Some(p) if t == b'C' => {
                         // Other clients may share the server-side statement: forget it here, answer here.
@@ -483,11 +489,13 @@ impl Session {
             b'S' => {
                 self.open_extended = false;
                 self.out.extend_from_slice(frame);
+                let obs = if self.obs_on { self.cur.clone() } else { Observed::default() };
                 self.expect.push_back(Expect::Ready {
                     swallow: false,
                     start: now,
                     qtype: self.cur_qtype,
                     set: None,
+                    obs,
                 });
             }
             b'F' => {
@@ -497,6 +505,7 @@ impl Session {
                     start: now,
                     qtype: QueryType::Other,
                     set: None,
+                    obs: Observed::default(),
                 });
             }
             // Flush and COPY data get no answer of their own.
@@ -530,23 +539,13 @@ impl Session {
     }
 
     /// Writes the Parse for `p` (closing an evicted statement first if the server is full).
-    fn prepare_on_server(
-        &mut self,
-        srv: &mut PooledConn,
-        p: &Prepared,
-        swallow: bool,
-        client: Option<String>,
-    ) {
+    fn prepare_on_server(&mut self, srv: &mut PooledConn, p: &Prepared, swallow: bool, client: Option<String>) {
         if let Some(victim) = srv.statements.insert(p.hash, self.max_prepared) {
             prepared::statement_message(&mut self.out, b'C', &prepared::server_name(victim));
             self.expect.push_back(Expect::Close { swallow: true });
         }
         self.out.extend_from_slice(&p.parse);
-        self.expect.push_back(Expect::Parse {
-            swallow,
-            hash: Some(p.hash),
-            client,
-        });
+        self.expect.push_back(Expect::Parse { swallow, hash: Some(p.hash), client });
     }
 
     fn pin(&mut self, what: &'static str) {
@@ -601,33 +600,21 @@ impl Session {
 
     /// Gets a server for this client and brings its settings in line (an injected SET/RESET, its answer dropped).
     async fn link(&mut self, now: Instant) -> Result<PooledConn> {
-        self.info
-            .set_state(ClientState::Waiting, self.shared.micros(now));
-        while self.shared.paused.load(Ordering::Acquire) || self.pool.paused.load(Ordering::Acquire)
-        {
+        self.info.set_state(ClientState::Waiting, self.shared.micros(now));
+        while self.shared.paused.load(Ordering::Acquire) || self.pool.paused.load(Ordering::Acquire) {
             let resumed = self.shared.resumed.notified();
-            if !self.shared.paused.load(Ordering::Acquire)
-                && !self.pool.paused.load(Ordering::Acquire)
-            {
+            if !self.shared.paused.load(Ordering::Acquire) && !self.pool.paused.load(Ordering::Acquire) {
                 break;
             }
             resumed.await;
         }
-        let deadline = self
-            .shared
-            .config
-            .load()
-            .proxy
-            .query_wait_timeout
-            .get()
-            .map(|d| now + d);
+        let deadline = self.shared.config.load().proxy.query_wait_timeout.get().map(|d| now + d);
         self.pool.stats.cl_active.fetch_add(1, Ordering::Relaxed);
         let mut srv = match self.pool.checkout(deadline).await {
             Ok(s) => s,
             Err(e) => {
                 self.pool.stats.cl_active.fetch_sub(1, Ordering::Relaxed);
-                self.info
-                    .set_state(ClientState::Idle, self.shared.micros(Instant::now()));
+                self.info.set_state(ClientState::Idle, self.shared.micros(Instant::now()));
                 return Err(e);
             }
         };
@@ -638,6 +625,7 @@ impl Session {
                 start: now,
                 qtype: QueryType::Other,
                 set: None,
+                obs: Observed::default(),
             });
             srv.applied.clear();
             srv.applied.extend(self.params.iter().cloned());
@@ -648,8 +636,7 @@ impl Session {
             key: srv.backend_key,
             server_id: srv.id,
         });
-        self.info
-            .set_state(ClientState::Active, self.shared.micros(now));
+        self.info.set_state(ClientState::Active, self.shared.micros(now));
         self.linked_at = Some(now);
         Ok(srv)
     }
@@ -660,15 +647,11 @@ impl Session {
         self.info.query_start_us.store(0, Ordering::Relaxed);
         self.pool.stats.cl_active.fetch_sub(1, Ordering::Relaxed);
         if let Some(t) = self.linked_at.take() {
-            self.pool
-                .stats
-                .xact_time_us
-                .fetch_add(t.elapsed().as_micros() as u64, Ordering::Relaxed);
+            self.pool.stats.xact_time_us.fetch_add(t.elapsed().as_micros() as u64, Ordering::Relaxed);
             self.pool.stats.xact_count.fetch_add(1, Ordering::Relaxed);
             self.pool.metrics.transactions.increment(1);
         }
-        self.info
-            .set_state(ClientState::Idle, self.shared.micros(Instant::now()));
+        self.info.set_state(ClientState::Idle, self.shared.micros(Instant::now()));
         self.expect.clear();
         self.open_extended = false;
         if !clean {
@@ -677,10 +660,8 @@ impl Session {
         }
         if srv.needs_reset {
             // "cached plan must not change result type" after DDL: drop every statement so the next use re-prepares.
-            let ok = matches!(
-                tokio::time::timeout(Duration::from_secs(5), srv.execute("DEALLOCATE ALL")).await,
-                Ok(Ok(()))
-            );
+            let ok =
+                matches!(tokio::time::timeout(Duration::from_secs(5), srv.execute("DEALLOCATE ALL")).await, Ok(Ok(())));
             if !ok {
                 srv.discard();
                 return;
@@ -691,9 +672,7 @@ impl Session {
         let reset = {
             let cfg = self.shared.config.load();
             let q = &cfg.proxy.server_reset_query;
-            let wanted = self.mode == PoolMode::Session
-                || self.pinned.is_some()
-                || cfg.proxy.server_reset_query_always;
+            let wanted = self.mode == PoolMode::Session || self.pinned.is_some() || cfg.proxy.server_reset_query_always;
             (!q.is_empty() && wanted).then(|| q.clone())
         };
         if let Some(q) = reset {
@@ -753,11 +732,7 @@ impl Session {
     }
 
     /// Forwards what the server sent. `Ok(true)` = the server is at a boundary and should be unlinked.
-    async fn on_server_data(
-        &mut self,
-        conn: &mut ClientConn,
-        srv: &mut PooledConn,
-    ) -> Result<bool> {
+    async fn on_server_data(&mut self, conn: &mut ClientConn, srv: &mut PooledConn) -> Result<bool> {
         let mut now: Option<Instant> = None;
         let mut saw_ready = false;
         let mut fatal = false;
@@ -804,12 +779,7 @@ impl Session {
                     // Everything up to the Ready is answered by now.
                     loop {
                         match self.expect.pop_front() {
-                            Some(Expect::Ready {
-                                swallow,
-                                start,
-                                qtype,
-                                set,
-                            }) => {
+                            Some(Expect::Ready { swallow, start, qtype, set, obs }) => {
                                 forward = !swallow;
                                 if !swallow {
                                     saw_ready = true;
@@ -817,10 +787,10 @@ impl Session {
                                     let d = now.saturating_duration_since(start);
                                     self.pool.metrics.record_query(qtype, d);
                                     self.pool.stats.query_count.fetch_add(1, Ordering::Relaxed);
-                                    self.pool
-                                        .stats
-                                        .query_time_us
-                                        .fetch_add(d.as_micros() as u64, Ordering::Relaxed);
+                                    self.pool.stats.query_time_us.fetch_add(d.as_micros() as u64, Ordering::Relaxed);
+                                    if obs.fp != 0 {
+                                        self.observe_done(srv, obs, d);
+                                    }
                                     if let Some(cmd) = set {
                                         if !self.saw_error {
                                             self.apply_session_command(srv, *cmd);
@@ -834,14 +804,13 @@ impl Session {
                         }
                     }
                     self.saw_error = false;
+                    self.rows = 0;
+                    self.last_error = None;
                     match self.expect.iter().find_map(|e| match e {
                         Expect::Ready { start, .. } => Some(*start),
                         _ => None,
                     }) {
-                        Some(s) => self
-                            .info
-                            .query_start_us
-                            .store(self.shared.micros(s), Ordering::Relaxed),
+                        Some(s) => self.info.query_start_us.store(self.shared.micros(s), Ordering::Relaxed),
                         None => self.info.query_start_us.store(0, Ordering::Relaxed),
                     }
                 }
@@ -851,12 +820,14 @@ impl Session {
                         fatal = true;
                     }
                     self.saw_error = true;
+                    if self.obs_on && self.last_error.is_none() {
+                        self.last_error = Some(format!("{}: {}", f.code, f.message));
+                    }
                     // An injected Parse that fails is the client's error too (its Bind will be skipped); a failed
                     // injected SET or Close is pgrelay's own business.
                     forward = !matches!(
                         self.expect.front(),
-                        Some(Expect::Ready { swallow: true, .. })
-                            | Some(Expect::Close { swallow: true })
+                        Some(Expect::Ready { swallow: true, .. }) | Some(Expect::Close { swallow: true })
                     );
                     if forward {
                         self.pool.stats.errors.fetch_add(1, Ordering::Relaxed);
@@ -864,9 +835,7 @@ impl Session {
                     } else {
                         warn!(client = %conn.addr, code = %f.code, error = %f.message, "statement injected by pgrelay failed");
                     }
-                    if f.message
-                        .contains("cached plan must not change result type")
-                    {
+                    if f.message.contains("cached plan must not change result type") {
                         srv.needs_reset = true;
                     }
                     self.on_error(srv);
@@ -885,7 +854,12 @@ impl Session {
                     }
                 }
                 b'T' | b'n' => self.pop_if(|e| matches!(e, Expect::Describe)),
-                b'C' | b'I' | b's' => self.pop_if(|e| matches!(e, Expect::Execute)),
+                b'C' | b'I' | b's' => {
+                    if t == b'C' {
+                        self.rows += crate::observe::tag_rows(&srv.rbuf[5..len]);
+                    }
+                    self.pop_if(|e| matches!(e, Expect::Execute))
+                }
                 b'S' => {
                     let body = srv.rbuf[5..len].to_vec();
                     srv.note_parameter(&body);
@@ -899,17 +873,11 @@ impl Session {
             self.flush_synth(conn);
         }
         if !conn.wbuf.is_empty() {
-            self.pool
-                .stats
-                .bytes_sent
-                .fetch_add(conn.wbuf.len() as u64, Ordering::Relaxed);
+            self.pool.stats.bytes_sent.fetch_add(conn.wbuf.len() as u64, Ordering::Relaxed);
             conn.flush().await?;
         }
         if fatal {
-            return Err(Error::ServerRefused {
-                code: "FATAL".into(),
-                message: "server sent FATAL".into(),
-            });
+            return Err(Error::ServerRefused { code: "FATAL".into(), message: "server sent FATAL".into() });
         }
         if !saw_ready || !self.expect.is_empty() {
             return Ok(false);
@@ -917,22 +885,15 @@ impl Session {
         let status = srv.tx_status;
         if status != b'I' {
             if self.mode == PoolMode::Statement {
-                conn.fatal(
-                    sqlstate::FEATURE_NOT_SUPPORTED,
-                    "transaction blocks not allowed in statement pooling mode",
-                )
-                .await;
+                conn.fatal(sqlstate::FEATURE_NOT_SUPPORTED, "transaction blocks not allowed in statement pooling mode")
+                    .await;
                 return Err(Error::Pool("transaction in statement mode".into()));
             }
             self.info.idle_in_tx.store(true, Ordering::Relaxed);
-            self.info
-                .state_since_us
-                .store(self.shared.micros(Instant::now()), Ordering::Relaxed);
+            self.info.state_since_us.store(self.shared.micros(Instant::now()), Ordering::Relaxed);
             return Ok(false);
         }
-        if (self.mode == PoolMode::Session || self.pinned.is_some())
-            && self.close_at_boundary.is_none()
-        {
+        if (self.mode == PoolMode::Session || self.pinned.is_some()) && self.close_at_boundary.is_none() {
             return Ok(false);
         }
         Ok(self.at_boundary(srv))
@@ -979,25 +940,120 @@ impl Session {
         }
     }
 
+    /// Fingerprint of a query text, normalising each distinct text once per session.
+    fn fingerprint(&mut self, sql: &str) -> u64 {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for &b in sql.as_bytes() {
+            h ^= b as u64;
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        if let Some(fp) = self.fp_cache.get(&h) {
+            return *fp;
+        }
+        if self.fp_cache.len() >= 1024 {
+            self.fp_cache.clear();
+        }
+        let fp = crate::observe::fingerprint::fingerprint(sql).max(1);
+        self.fp_cache.insert(h, fp);
+        fp
+    }
+
+    fn next_seq(&mut self) -> u32 {
+        self.seq = self.seq.wrapping_add(1).max(1);
+        self.seq
+    }
+
+    fn save_text(&mut self, sql: &str, types: &[u8]) -> u32 {
+        let seq = self.next_seq();
+        let slot = &mut self.texts[seq as usize % RING];
+        slot.seq = seq;
+        slot.text.clear();
+        slot.text.push_str(sql);
+        slot.types.clear();
+        slot.types.extend_from_slice(types);
+        seq
+    }
+
+    fn save_bind(&mut self, body: &[u8]) -> u32 {
+        let seq = self.next_seq();
+        let slot = &mut self.binds[seq as usize % RING];
+        slot.0 = seq;
+        slot.1.clear();
+        slot.1.extend_from_slice(body);
+        seq
+    }
+
+    /// Records a finished query in the per-fingerprint table, and captures it if it was slow.
+    fn observe_done(&mut self, srv: &PooledConn, obs: Observed, d: Duration) {
+        let us = d.as_micros() as u64;
+        let error = self.saw_error;
+        let rows = self.rows;
+        let text_slot = (obs.text != 0).then(|| &self.texts[obs.text as usize % RING]).filter(|s| s.seq == obs.text);
+        let text: &str = match (&obs.prepared, text_slot) {
+            (Some(p), _) => &p.query,
+            (None, Some(slot)) => &slot.text,
+            (None, None) => "",
+        };
+        if !self.observer.stats.record_known(obs.fp, us, rows, error) {
+            let mut norm = String::new();
+            crate::observe::fingerprint::normalize(text, &mut norm);
+            self.observer.stats.record(obs.fp, &norm, &self.info.database, us, rows, error);
+        }
+        if us < self.observer.threshold_us() {
+            return;
+        }
+        self.pool.metrics.slow_queries.increment(1);
+        let redacted = self.observer.redact();
+        let (params, param_formats) = match (obs.bind != 0).then(|| &self.binds[obs.bind as usize % RING]) {
+            Some((seq, body)) if *seq == obs.bind && !redacted => crate::observe::bind_params(body),
+            _ => (Vec::new(), Vec::new()),
+        };
+        let param_types = match (&obs.prepared, text_slot) {
+            (Some(p), _) => {
+                let off = 5 + p.name.len() + 1 + p.query.len() + 1;
+                crate::observe::parse_param_types(p.parse.get(off..).unwrap_or(&[]))
+            }
+            (None, Some(slot)) => crate::observe::parse_param_types(&slot.types),
+            _ => Vec::new(),
+        };
+        let mut normalized = String::new();
+        crate::observe::fingerprint::normalize(text, &mut normalized);
+        let time =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
+        let q = crate::observe::slow::SlowQuery {
+            time,
+            duration_ms: us as f64 / 1000.0,
+            database: self.info.database.clone(),
+            user: self.info.user.clone(),
+            client_addr: self.info.addr.to_string(),
+            application_name: self.info.application_name.lock().clone(),
+            fingerprint: obs.fp,
+            normalized,
+            query: if redacted { String::new() } else { text.to_string() },
+            params,
+            param_types,
+            param_formats,
+            redacted,
+            rows,
+            error: self.last_error.clone(),
+            server: srv.target.to_string(),
+        };
+        self.observer.slow.push(q);
+    }
+
     /// A SET/RESET that succeeded now follows the client to other servers.
     fn apply_session_command(&mut self, srv: &mut PooledConn, cmd: SessionCommand) {
         match cmd {
             SessionCommand::Set { name, value } => {
                 if value.eq_ignore_ascii_case("default") {
                     self.params.retain(|(k, _)| !k.eq_ignore_ascii_case(&name));
-                } else if let Some(p) = self
-                    .params
-                    .iter_mut()
-                    .find(|(k, _)| k.eq_ignore_ascii_case(&name))
-                {
+                } else if let Some(p) = self.params.iter_mut().find(|(k, _)| k.eq_ignore_ascii_case(&name)) {
                     p.1 = value;
                 } else {
                     self.params.push((name, value));
                 }
             }
-            SessionCommand::Reset(name) => {
-                self.params.retain(|(k, _)| !k.eq_ignore_ascii_case(&name))
-            }
+            SessionCommand::Reset(name) => self.params.retain(|(k, _)| !k.eq_ignore_ascii_case(&name)),
             SessionCommand::ResetAll => self.params.clear(),
             _ => return,
         }

@@ -80,10 +80,7 @@ pub fn query_type(sql: &str) -> QueryType {
 }
 
 fn verb(w: &[u8]) -> Option<QueryType> {
-    if w.eq_ignore_ascii_case(b"select")
-        || w.eq_ignore_ascii_case(b"values")
-        || w.eq_ignore_ascii_case(b"table")
-    {
+    if w.eq_ignore_ascii_case(b"select") || w.eq_ignore_ascii_case(b"values") || w.eq_ignore_ascii_case(b"table") {
         Some(QueryType::Select)
     } else if w.eq_ignore_ascii_case(b"insert") {
         Some(QueryType::Insert)
@@ -124,10 +121,7 @@ pub fn normalize(sql: &str, out: &mut String) -> u64 {
     // The normal form is rarely much longer than the input, so one up-front reservation
     // usually avoids repeated growth.
     out.reserve(sql.len());
-    let mut sink = TextSink {
-        out,
-        hash: HashSink::new(),
-    };
+    let mut sink = TextSink { out, hash: HashSink::new() };
     run(sql, &mut sink);
     fmix64(sink.hash.h)
 }
@@ -386,11 +380,7 @@ fn scan_number(b: &[u8], i: usize) -> usize {
 /// `$` at b[i]: a `$N` parameter, a dollar-quoted string, or a stray `$`.
 fn scan_dollar(sql: &str, i: usize) -> Token {
     let b = sql.as_bytes();
-    let tok = |kind, end| Token {
-        kind,
-        start: i,
-        end,
-    };
+    let tok = |kind, end| Token { kind, start: i, end };
     if at(b, i + 1).is_ascii_digit() {
         let mut j = i + 1;
         while j < b.len() && b[j].is_ascii_digit() {
@@ -421,17 +411,9 @@ fn scan_dollar(sql: &str, i: usize) -> Token {
 fn next_token(sql: &str, i: usize) -> Token {
     let b = sql.as_bytes();
     let i = skip_trivia(b, i);
-    let tok = |kind, end: usize| Token {
-        kind,
-        start: i,
-        end: end.min(b.len()),
-    };
+    let tok = |kind, end: usize| Token { kind, start: i, end: end.min(b.len()) };
     if i >= b.len() {
-        return Token {
-            kind: Tok::End,
-            start: b.len(),
-            end: b.len(),
-        };
+        return Token { kind: Tok::End, start: b.len(), end: b.len() };
     }
     let c = b[i];
     let c1 = at(b, i + 1);
@@ -439,15 +421,9 @@ fn next_token(sql: &str, i: usize) -> Token {
         b'\'' => tok(Tok::Str, scan_quoted(b, i + 1, b'\'', false)),
         b'"' => tok(Tok::QuotedIdent, scan_quoted(b, i + 1, b'"', false)),
         b'e' | b'E' if c1 == b'\'' => tok(Tok::Str, scan_quoted(b, i + 2, b'\'', true)),
-        b'b' | b'B' | b'x' | b'X' | b'n' | b'N' if c1 == b'\'' => {
-            tok(Tok::Str, scan_quoted(b, i + 2, b'\'', false))
-        }
-        b'u' | b'U' if c1 == b'&' && at(b, i + 2) == b'\'' => {
-            tok(Tok::Str, scan_quoted(b, i + 3, b'\'', false))
-        }
-        b'u' | b'U' if c1 == b'&' && at(b, i + 2) == b'"' => {
-            tok(Tok::QuotedIdent, scan_quoted(b, i + 3, b'"', false))
-        }
+        b'b' | b'B' | b'x' | b'X' | b'n' | b'N' if c1 == b'\'' => tok(Tok::Str, scan_quoted(b, i + 2, b'\'', false)),
+        b'u' | b'U' if c1 == b'&' && at(b, i + 2) == b'\'' => tok(Tok::Str, scan_quoted(b, i + 3, b'\'', false)),
+        b'u' | b'U' if c1 == b'&' && at(b, i + 2) == b'"' => tok(Tok::QuotedIdent, scan_quoted(b, i + 3, b'"', false)),
         _ if is_ident_start(c) => {
             let mut j = i + 1;
             while j < b.len() && is_ident_cont(b[j]) {
@@ -477,21 +453,15 @@ fn scan_operator(b: &[u8], i: usize) -> usize {
     let mut j = i;
     while j < b.len() && is_op_char(b[j]) {
         // A comment start ends the operator, as in PostgreSQL's lexer.
-        if j > i
-            && ((b[j] == b'-' && at(b, j + 1) == b'-') || (b[j] == b'/' && at(b, j + 1) == b'*'))
-        {
+        if j > i && ((b[j] == b'-' && at(b, j + 1) == b'-') || (b[j] == b'/' && at(b, j + 1) == b'*')) {
             break;
         }
         j += 1;
     }
     // PostgreSQL: a multi-char operator may not end in + or - unless it contains one of
     // ~ ! @ # % ^ & | ` ?, which is what makes `=-5` mean `= -5`.
-    let special = b[i..j].iter().any(|c| {
-        matches!(
-            c,
-            b'~' | b'!' | b'@' | b'#' | b'%' | b'^' | b'&' | b'|' | b'`' | b'?'
-        )
-    });
+    let special =
+        b[i..j].iter().any(|c| matches!(c, b'~' | b'!' | b'@' | b'#' | b'%' | b'^' | b'&' | b'|' | b'`' | b'?'));
     if !special {
         while j - i > 1 && matches!(b[j - 1], b'+' | b'-') {
             j -= 1;
@@ -618,20 +588,14 @@ fn need_space(prev: Class, cur: Class) -> bool {
         // Function call / array constructor: `count(*)`, `array(select ...)`.
         LParen => !matches!(prev, Ident | KwArray | Quoted),
         // Subscript or array literal: `a[1]`, `array[...]`, `(x)[1]`.
-        LBracket => !matches!(
-            prev,
-            Ident | Keyword | KwIn | KwValues | KwArray | Quoted | Const | RParen | RBracket
-        ),
+        LBracket => !matches!(prev, Ident | Keyword | KwIn | KwValues | KwArray | Quoted | Const | RParen | RBracket),
         _ => true,
     }
 }
 
 fn sign_allowed_after(prev: Class) -> bool {
     use Class::*;
-    matches!(
-        prev,
-        Start | Keyword | KwIn | KwValues | Op | LParen | LBracket | Comma | Semi | Cast | Other
-    )
+    matches!(prev, Start | Keyword | KwIn | KwValues | Op | LParen | LBracket | Comma | Semi | Cast | Other)
 }
 
 fn is_sign(sql: &str, t: Token) -> bool {
@@ -741,11 +705,7 @@ impl<S: Sink> Norm<'_, S> {
 }
 
 fn run<S: Sink>(sql: &str, sink: &mut S) {
-    let mut n = Norm {
-        sink,
-        prev: Class::Start,
-        next_param: 1,
-    };
+    let mut n = Norm { sink, prev: Class::Start, next_param: 1 };
     let mut i = 0usize;
     // Semicolons are held back so that trailing ones can be dropped without lookahead.
     let mut pending_semis = 0usize;
@@ -865,91 +825,49 @@ mod tests {
 
     #[test]
     fn in_lists_collapse() {
-        same(
-            "select * from t where id in (1)",
-            "select * from t where id in (1,2,3)",
-        );
-        same(
-            "select * from t where id in (1)",
-            "SELECT * FROM t WHERE id IN ($1, $2)",
-        );
-        same(
-            "select * from t where id IN(1,2)",
-            "select * from t where id IN ( 1 , 2 )",
-        );
-        same(
-            "select * from t where id in ('a', 'b')",
-            "select * from t where id in ($1)",
-        );
-        same(
-            "select * from t where id not in (-1, +2, 3.5)",
-            "select * from t where id not in (4)",
-        );
-        assert_eq!(
-            norm("select 1 where x in (1, 2)"),
-            "select $1 where x in ($2...)"
-        );
+        same("select * from t where id in (1)", "select * from t where id in (1,2,3)");
+        same("select * from t where id in (1)", "SELECT * FROM t WHERE id IN ($1, $2)");
+        same("select * from t where id IN(1,2)", "select * from t where id IN ( 1 , 2 )");
+        same("select * from t where id in ('a', 'b')", "select * from t where id in ($1)");
+        same("select * from t where id not in (-1, +2, 3.5)", "select * from t where id not in (4)");
+        assert_eq!(norm("select 1 where x in (1, 2)"), "select $1 where x in ($2...)");
         // Non-constant lists are left alone.
         assert_eq!(
             norm("select 1 from t where x in (select y from u where z = 1)"),
             "select $1 from t where x in (select y from u where z = $2)"
         );
         assert_eq!(norm("x in (a, 1)"), "x in (a, $1)");
-        differ(
-            "select * from t where id in (1)",
-            "select * from t where id in (a)",
-        );
+        differ("select * from t where id in (1)", "select * from t where id in (a)");
     }
 
     #[test]
     fn arrays_and_values_collapse() {
-        same(
-            "select * from t where id = ANY(ARRAY[1,2,3])",
-            "select * from t where id = any(array[$1])",
-        );
+        same("select * from t where id = ANY(ARRAY[1,2,3])", "select * from t where id = any(array[$1])");
         assert_eq!(
             norm("select * from t where id = ANY(ARRAY[1, -2])"),
             "select * from t where id = any(array[$1...])"
         );
-        same(
-            "INSERT INTO t (a, b) VALUES (1, 'x')",
-            "insert into t (a, b) values (1, 'x'), (2, 'y'), ($1, $2)",
-        );
+        same("INSERT INTO t (a, b) VALUES (1, 'x')", "insert into t (a, b) values (1, 'x'), (2, 'y'), ($1, $2)");
         assert_eq!(
             norm("insert into t (a, b) values (1, 'x'), (2, 'y') returning id"),
             "insert into t(a, b) values ($1, $2) returning id"
         );
         differ("insert into t values (1)", "insert into t values (1, 2)");
         // A non-constant row stops the collapse but earlier constant rows still fold.
-        same(
-            "insert into t values (1,2),(3,4),(now(),5)",
-            "insert into t values (1,2),(now(),5)",
-        );
+        same("insert into t values (1,2),(3,4),(now(),5)", "insert into t values (1,2),(now(),5)");
     }
 
     #[test]
     fn literal_and_param_agree() {
-        same(
-            "select * from users where id = 5",
-            "select * from users where id = $1",
-        );
-        same(
-            "select * from users where id = '5'",
-            "select * from users where id = $9",
-        );
-        same(
-            "update t set a = 1.5e-3, b = 0x1F where c = .5",
-            "update t set a = $3, b = $2 where c = $1",
-        );
+        same("select * from users where id = 5", "select * from users where id = $1");
+        same("select * from users where id = '5'", "select * from users where id = $9");
+        same("update t set a = 1.5e-3, b = 0x1F where c = .5", "update t set a = $3, b = $2 where c = $1");
         assert_eq!(norm("select $2, $1, 7"), "select $1, $2, $3");
     }
 
     #[test]
     fn negative_numbers() {
-        same(
-            "select * from t where a = -5",
-            "select * from t where a = 5",
-        );
+        same("select * from t where a = -5", "select * from t where a = 5");
         same("select * from t where a=-5", "select * from t where a = $1");
         same("select -1", "select 1");
         same("select f(-1, +2)", "select f(1, 2)");
@@ -971,14 +889,8 @@ mod tests {
 
     #[test]
     fn tables_and_columns_differ() {
-        differ(
-            "select * from users where id = 1",
-            "select * from orders where id = 1",
-        );
-        differ(
-            "select * from users where id = 1",
-            "select * from users where uid = 1",
-        );
+        differ("select * from users where id = 1", "select * from orders where id = 1");
+        differ("select * from users where id = 1", "select * from users where uid = 1");
         differ("select a from t", "select b from t");
         differ("select * from \"Users\"", "select * from users");
         differ("select * from t where a = 1", "select * from t where a > 1");
@@ -993,16 +905,10 @@ mod tests {
         assert_eq!(norm("  select\n1 ;  "), "select $1");
         assert_eq!(norm("select/**/1"), "select $1");
         assert_eq!(norm("select 1; select 2;"), "select $1; select $2");
-        assert_eq!(
-            norm("SELECT \"MixedCase\".Col FROM \"MixedCase\""),
-            "select \"MixedCase\".col from \"MixedCase\""
-        );
+        assert_eq!(norm("SELECT \"MixedCase\".Col FROM \"MixedCase\""), "select \"MixedCase\".col from \"MixedCase\"");
         assert_eq!(norm("select count(*) from t"), "select count(*) from t");
         same("select count ( * ) from t", "select COUNT(*) FROM t");
-        assert_eq!(
-            norm("select x::int, a[1] from t"),
-            "select x::int, a[$1] from t"
-        );
+        assert_eq!(norm("select x::int, a[1] from t"), "select x::int, a[$1] from t");
         same("select x :: int", "select x::int");
         // PostgreSQL only folds ASCII letters of unquoted identifiers in UTF-8 databases.
         assert_eq!(norm("select café, ÉTÉ from t"), "select café, ÉtÉ from t");
@@ -1016,19 +922,10 @@ mod tests {
         assert_eq!(norm(r"select E'it\'s \\', 1"), "select $1, $2");
         assert_eq!(norm("select e'x''y'"), "select $1");
         assert_eq!(norm("select $$ a 'quoted' $ b $$, 1"), "select $1, $2");
-        assert_eq!(
-            norm("select $fn$ body $$ inner $$ $fn$ , 1"),
-            "select $1, $2"
-        );
-        assert_eq!(
-            norm("select B'0101', X'ff', N'nat', U&'d\\0061t'"),
-            "select $1, $2, $3, $4"
-        );
+        assert_eq!(norm("select $fn$ body $$ inner $$ $fn$ , 1"), "select $1, $2");
+        assert_eq!(norm("select B'0101', X'ff', N'nat', U&'d\\0061t'"), "select $1, $2, $3, $4");
         assert_eq!(norm("select date '2020-01-01'"), "select date $1");
-        assert_eq!(
-            norm("select '--not a comment', '/* nor this'"),
-            "select $1, $2"
-        );
+        assert_eq!(norm("select '--not a comment', '/* nor this'"), "select $1, $2");
         assert_eq!(norm("select \"a\"\"b\" from t"), "select \"a\"\"b\" from t");
         assert_eq!(norm("select a$b, $x from t"), "select a$b, $ x from t");
         same("select 'a;b'", "select 'c'");
@@ -1081,18 +978,9 @@ mod tests {
             ("UPDATE t set a = 1", Update),
             ("delete from t", Delete),
             ("with x as (select 1) select * from x", Select),
-            (
-                "WITH RECURSIVE x(n) AS (SELECT 1 UNION SELECT n+1 FROM x) SELECT * FROM x",
-                Select,
-            ),
-            (
-                "with x as (select 1), y as (select 2) insert into t select * from x",
-                Insert,
-            ),
-            (
-                "with d as (delete from t returning *) update u set a = 1",
-                Update,
-            ),
+            ("WITH RECURSIVE x(n) AS (SELECT 1 UNION SELECT n+1 FROM x) SELECT * FROM x", Select),
+            ("with x as (select 1), y as (select 2) insert into t select * from x", Insert),
+            ("with d as (delete from t returning *) update u set a = 1", Update),
             ("with x as materialized (select 1) delete from t", Delete),
             ("with x as (select 1", Other),
             ("values (1)", Select),
@@ -1285,24 +1173,12 @@ mod tests {
     fn keyword_table() {
         for kw in CLAUSE_KEYWORDS {
             assert_eq!(classify_word(kw.as_bytes()), Class::Keyword, "{kw}");
-            assert_eq!(
-                classify_word(kw.to_uppercase().as_bytes()),
-                Class::Keyword,
-                "{kw}"
-            );
+            assert_eq!(classify_word(kw.to_uppercase().as_bytes()), Class::Keyword, "{kw}");
         }
         assert_eq!(classify_word(b"In"), Class::KwIn);
         assert_eq!(classify_word(b"VALUES"), Class::KwValues);
         assert_eq!(classify_word(b"array"), Class::KwArray);
-        for w in [
-            "users",
-            "selec",
-            "selectx",
-            "materialized_",
-            "i",
-            "",
-            "countries",
-        ] {
+        for w in ["users", "selec", "selectx", "materialized_", "i", "", "countries"] {
             assert_eq!(classify_word(w.as_bytes()), Class::Ident, "{w}");
         }
     }
@@ -1325,8 +1201,7 @@ mod tests {
     #[test]
     #[ignore]
     fn timing_normalize() {
-        let sql =
-            "SELECT id, name, email FROM users WHERE org_id = 42 AND status IN (1, 2, 3) LIMIT 50";
+        let sql = "SELECT id, name, email FROM users WHERE org_id = 42 AND status IN (1, 2, 3) LIMIT 50";
         let mut out = String::new();
         let n = 1_000_000u32;
         let mut acc = 0u64;

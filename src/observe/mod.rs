@@ -3,23 +3,25 @@
 use std::time::Duration;
 
 use metrics::{Counter, Histogram, Key, Label, Metadata, Recorder};
-use metrics_exporter_prometheus::{
-    Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
-};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 
 pub mod fingerprint;
 pub mod qstats;
+pub mod slow;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use crate::config::Config;
 
 pub use fingerprint::QueryType;
 
 /// Bucket bounds of the latency histograms: 50 µs to 10 s.
 pub const LATENCY_BUCKETS: &[f64] = &[
-    0.00005, 0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.025, 0.05,
-    0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    0.00005, 0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0, 10.0,
 ];
 
-const META: Metadata<'static> =
-    Metadata::new("pgrelay", metrics::Level::INFO, Some("pgrelay::observe"));
+const META: Metadata<'static> = Metadata::new("pgrelay", metrics::Level::INFO, Some("pgrelay::observe"));
 
 /// The process's metric registry. Not installed globally: handles are registered from it explicitly.
 pub struct Metrics {
@@ -66,12 +68,8 @@ impl Metrics {
     /// The handles one pool records into, registered once.
     pub fn pool(&self, database: &str, enabled: bool) -> PoolMetrics {
         let db = || ("database", database.to_string());
-        let qd = |t: QueryType| {
-            self.histogram(
-                "db_query_duration_seconds",
-                &[db(), ("query_type", t.as_str().to_string())],
-            )
-        };
+        let qd =
+            |t: QueryType| self.histogram("db_query_duration_seconds", &[db(), ("query_type", t.as_str().to_string())]);
         PoolMetrics {
             enabled,
             query_duration: [
@@ -88,6 +86,7 @@ impl Metrics {
             checkouts: self.counter("pgrelay_pool_checkouts_total", &[db()]),
             bytes_received: self.counter("pgrelay_client_bytes_received_total", &[db()]),
             bytes_sent: self.counter("pgrelay_client_bytes_sent_total", &[db()]),
+            slow_queries: self.counter("pgrelay_slow_queries_total", &[db()]),
         }
     }
 }
@@ -99,10 +98,7 @@ impl Default for Metrics {
 }
 
 fn key(name: &'static str, labels: &[(&'static str, String)]) -> Key {
-    let labels: Vec<Label> = labels
-        .iter()
-        .map(|(k, v)| Label::new(*k, v.clone()))
-        .collect();
+    let labels: Vec<Label> = labels.iter().map(|(k, v)| Label::new(*k, v.clone())).collect();
     Key::from_parts(name, labels)
 }
 
@@ -117,6 +113,7 @@ pub struct PoolMetrics {
     pub checkouts: Counter,
     pub bytes_received: Counter,
     pub bytes_sent: Counter,
+    pub slow_queries: Counter,
 }
 
 impl PoolMetrics {
@@ -137,6 +134,124 @@ impl PoolMetrics {
             self.pool_wait.record(d.as_secs_f64());
         }
     }
+}
+
+/// Query intelligence shared by all sessions: per-fingerprint stats and slow-query capture.
+pub struct Observer {
+    pub stats: qstats::QueryStatsTable,
+    pub slow: slow::SlowLog,
+    threshold_us: AtomicU64,
+    redact: AtomicBool,
+    enabled: AtomicBool,
+}
+
+impl Observer {
+    /// Builds it from the config (the slow-query file writer is started separately, inside the runtime).
+    pub fn new(cfg: &Config) -> Observer {
+        let o = Observer {
+            stats: qstats::QueryStatsTable::new(qstats::DEFAULT_CAPACITY),
+            slow: slow::SlowLog::new(cfg.slow_query.ring_size),
+            threshold_us: AtomicU64::new(0),
+            redact: AtomicBool::new(false),
+            enabled: AtomicBool::new(true),
+        };
+        o.configure(cfg);
+        o
+    }
+
+    /// Applies the reloadable settings.
+    pub fn configure(&self, cfg: &Config) {
+        let t = cfg.slow_query.threshold.0.as_micros() as u64;
+        self.threshold_us.store(if t == 0 { u64::MAX } else { t }, Ordering::Relaxed);
+        self.redact.store(cfg.slow_query.redact_parameters, Ordering::Relaxed);
+        self.enabled.store(cfg.proxy.observability, Ordering::Relaxed);
+    }
+
+    #[inline]
+    pub fn enabled(&self) -> bool {
+        self.enabled.load(Ordering::Relaxed)
+    }
+
+    #[inline]
+    pub fn threshold_us(&self) -> u64 {
+        self.threshold_us.load(Ordering::Relaxed)
+    }
+
+    #[inline]
+    pub fn redact(&self) -> bool {
+        self.redact.load(Ordering::Relaxed)
+    }
+}
+
+/// Decodes a Bind body's parameters for display: text values as they are, binary ones as `\x` hex.
+/// Returns (values, formats).
+pub fn bind_params(body: &[u8]) -> (Vec<Option<String>>, Vec<i16>) {
+    use crate::protocol::{take_cstr, take_i16, take_i32};
+    let mut r = body;
+    let mut values = Vec::new();
+    let mut out_formats = Vec::new();
+    let (Some(_), Some(_)) = (take_cstr(&mut r), take_cstr(&mut r)) else { return (values, out_formats) };
+    let Some(nf) = take_i16(&mut r) else { return (values, out_formats) };
+    let mut formats = Vec::new();
+    for _ in 0..nf.max(0) {
+        match take_i16(&mut r) {
+            Some(f) => formats.push(f),
+            None => return (values, out_formats),
+        }
+    }
+    let Some(np) = take_i16(&mut r) else { return (values, out_formats) };
+    for i in 0..np.max(0) as usize {
+        let fmt = match formats.len() {
+            0 => 0,
+            1 => formats[0],
+            _ => formats.get(i).copied().unwrap_or(0),
+        };
+        let Some(len) = take_i32(&mut r) else { break };
+        if len < 0 {
+            values.push(None);
+            out_formats.push(fmt);
+            continue;
+        }
+        let len = len as usize;
+        if len > r.len() {
+            break;
+        }
+        let v = &r[..len];
+        r = &r[len..];
+        values.push(Some(if fmt == 0 {
+            String::from_utf8_lossy(v).into_owned()
+        } else {
+            let mut s = String::with_capacity(2 + 2 * v.len());
+            s.push_str("\\x");
+            for b in v {
+                s.push_str(&format!("{b:02x}"));
+            }
+            s
+        }));
+        out_formats.push(fmt);
+    }
+    (values, out_formats)
+}
+
+/// Parameter type OIDs from the tail of a Parse body (after name and query).
+pub fn parse_param_types(mut types: &[u8]) -> Vec<u32> {
+    let Some(n) = crate::protocol::take_i16(&mut types) else { return Vec::new() };
+    let mut v = Vec::with_capacity(n.max(0) as usize);
+    for _ in 0..n.max(0) {
+        match crate::protocol::take_i32(&mut types) {
+            Some(t) => v.push(t as u32),
+            None => break,
+        }
+    }
+    v
+}
+
+/// Rows from a CommandComplete tag ("SELECT 5", "INSERT 0 3", "UPDATE 2").
+pub fn tag_rows(body: &[u8]) -> u64 {
+    let end = body.iter().position(|&b| b == 0).unwrap_or(body.len());
+    let tag = &body[..end];
+    let start = tag.iter().rposition(|&b| b == b' ').map(|i| i + 1).unwrap_or(tag.len());
+    std::str::from_utf8(&tag[start..]).ok().and_then(|n| n.parse().ok()).unwrap_or(0)
 }
 
 /// Counts heap allocations made by the current thread, so tests can prove hot paths are

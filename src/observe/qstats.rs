@@ -155,11 +155,7 @@ impl Entry {
             errors: self.errors,
             rows: self.rows,
             total_us: self.total_us,
-            mean_us: if self.calls == 0 {
-                0.0
-            } else {
-                self.total_us as f64 / self.calls as f64
-            },
+            mean_us: if self.calls == 0 { 0.0 } else { self.total_us as f64 / self.calls as f64 },
             max_us: self.max_us,
             min_us: if self.calls == 0 { 0 } else { self.min_us },
             p50_us: self.percentile(0.50),
@@ -202,23 +198,11 @@ impl QueryStatsTable {
     /// treated as 1).
     pub fn new(capacity: usize) -> Self {
         let capacity = capacity.max(1);
-        let n = if capacity >= MIN_CAPACITY_FOR_SHARDING {
-            SHARDS
-        } else {
-            1
-        };
+        let n = if capacity >= MIN_CAPACITY_FOR_SHARDING { SHARDS } else { 1 };
         let shards = (0..n)
-            .map(|i| {
-                Mutex::new(Shard {
-                    map: FpMap::default(),
-                    cap: capacity / n + usize::from(i < capacity % n),
-                })
-            })
+            .map(|i| Mutex::new(Shard { map: FpMap::default(), cap: capacity / n + usize::from(i < capacity % n) }))
             .collect();
-        QueryStatsTable {
-            shards,
-            evicted: AtomicU64::new(0),
-        }
+        QueryStatsTable { shards, evicted: AtomicU64::new(0) }
     }
 
     fn shard(&self, fp: u64) -> &Mutex<Shard> {
@@ -230,26 +214,26 @@ impl QueryStatsTable {
 
     /// Record one execution. `text` is only copied when the fingerprint is new (the normalised
     /// text, truncated to 2 KiB at a char boundary).
-    pub fn record(
-        &self,
-        fp: u64,
-        text: &str,
-        database: &str,
-        duration_us: u64,
-        rows: u64,
-        error: bool,
-    ) {
+    /// Records one execution of an already known fingerprint; `false` if it is not in the table (call `record`).
+    pub fn record_known(&self, fp: u64, duration_us: u64, rows: u64, error: bool) -> bool {
+        let mut shard = self.shard(fp).lock();
+        match shard.map.get_mut(&fp) {
+            Some(e) => {
+                e.add(duration_us, rows, error);
+                true
+            }
+            None => false,
+        }
+    }
+
+    pub fn record(&self, fp: u64, text: &str, database: &str, duration_us: u64, rows: u64, error: bool) {
         let mut shard = self.shard(fp).lock();
         if let Some(e) = shard.map.get_mut(&fp) {
             e.add(duration_us, rows, error);
             return;
         }
         if shard.map.len() >= shard.cap {
-            let victim = shard
-                .map
-                .iter()
-                .min_by_key(|(k, e)| (e.total_us, **k))
-                .map(|(k, _)| *k);
+            let victim = shard.map.iter().min_by_key(|(k, e)| (e.total_us, **k)).map(|(k, _)| *k);
             if let Some(k) = victim {
                 shard.map.remove(&k);
                 self.evicted.fetch_add(1, Ordering::Relaxed);
@@ -267,11 +251,7 @@ impl QueryStatsTable {
             let s = s.lock();
             out.extend(s.map.iter().map(|(&fp, e)| e.snapshot(fp)));
         }
-        out.sort_by(|a, b| {
-            b.total_us
-                .cmp(&a.total_us)
-                .then(a.fingerprint.cmp(&b.fingerprint))
-        });
+        out.sort_by(|a, b| b.total_us.cmp(&a.total_us).then(a.fingerprint.cmp(&b.fingerprint)));
         out
     }
 
@@ -354,9 +334,7 @@ mod tests {
     #[test]
     fn counts_exact_from_four_threads() {
         let t = Arc::new(QueryStatsTable::new(DEFAULT_CAPACITY));
-        let fps: Vec<u64> = (0..40u64)
-            .map(|i| i.wrapping_mul(0x9E37_79B9_7F4A_7C15))
-            .collect();
+        let fps: Vec<u64> = (0..40u64).map(|i| i.wrapping_mul(0x9E37_79B9_7F4A_7C15)).collect();
         let per_thread = 10_000u64;
         let handles: Vec<_> = (0..4)
             .map(|_| {
@@ -365,14 +343,7 @@ mod tests {
                 std::thread::spawn(move || {
                     for i in 0..per_thread {
                         let fp = fps[(i % fps.len() as u64) as usize];
-                        t.record(
-                            fp,
-                            "select $1",
-                            "db",
-                            10,
-                            2,
-                            (i / fps.len() as u64).is_multiple_of(10),
-                        );
+                        t.record(fp, "select $1", "db", 10, 2, (i / fps.len() as u64).is_multiple_of(10));
                     }
                 })
             })
@@ -455,10 +426,7 @@ mod tests {
         assert!(within(s.p50_us, 5000.0), "p50 {}", s.p50_us);
         assert!(within(s.p95_us, 9500.0), "p95 {}", s.p95_us);
         assert!(within(s.p99_us, 9900.0), "p99 {}", s.p99_us);
-        assert_eq!(
-            (s.min_us, s.max_us, s.calls, s.total_us),
-            (1, 10_000, 10_000, 50_005_000)
-        );
+        assert_eq!((s.min_us, s.max_us, s.calls, s.total_us), (1, 10_000, 10_000, 50_005_000));
         assert!((s.mean_us - 5000.5).abs() < 1e-9);
 
         // Constant latency is reported exactly thanks to min/max clamping.
@@ -514,10 +482,7 @@ mod tests {
         t.record(7, "select $1", "app", 5, 1, false);
         t.record(7, "something else", "other", 5, 1, true);
         let s = t.get(7).unwrap();
-        assert_eq!(
-            (s.query.as_str(), s.database.as_str()),
-            ("select $1", "app")
-        );
+        assert_eq!((s.query.as_str(), s.database.as_str()), ("select $1", "app"));
         assert_eq!((s.calls, s.errors), (2, 1));
 
         // 'é' is 2 bytes; 1 + 2*1500 bytes must be cut at the char boundary below 2048.
@@ -605,19 +570,10 @@ mod tests {
             fn serialize_unit_struct(self, _: &'static str) -> Result<String, Error> {
                 unsupported()
             }
-            fn serialize_unit_variant(
-                self,
-                _: &'static str,
-                _: u32,
-                _: &'static str,
-            ) -> Result<String, Error> {
+            fn serialize_unit_variant(self, _: &'static str, _: u32, _: &'static str) -> Result<String, Error> {
                 unsupported()
             }
-            fn serialize_newtype_struct<T: ?Sized + Serialize>(
-                self,
-                _: &'static str,
-                _: &T,
-            ) -> Result<String, Error> {
+            fn serialize_newtype_struct<T: ?Sized + Serialize>(self, _: &'static str, _: &T) -> Result<String, Error> {
                 unsupported()
             }
             fn serialize_newtype_variant<T: ?Sized + Serialize>(
@@ -635,11 +591,7 @@ mod tests {
             fn serialize_tuple(self, _: usize) -> Result<Self::SerializeTuple, Error> {
                 unsupported()
             }
-            fn serialize_tuple_struct(
-                self,
-                _: &'static str,
-                _: usize,
-            ) -> Result<Self::SerializeTupleStruct, Error> {
+            fn serialize_tuple_struct(self, _: &'static str, _: usize) -> Result<Self::SerializeTupleStruct, Error> {
                 unsupported()
             }
             fn serialize_tuple_variant(
@@ -671,11 +623,7 @@ mod tests {
         impl ser::SerializeStruct for Fields {
             type Ok = String;
             type Error = Error;
-            fn serialize_field<T: ?Sized + Serialize>(
-                &mut self,
-                key: &'static str,
-                v: &T,
-            ) -> Result<(), Error> {
+            fn serialize_field<T: ?Sized + Serialize>(&mut self, key: &'static str, v: &T) -> Result<(), Error> {
                 let v = v.serialize(Flat)?;
                 self.0.push_str(&format!("{key}={v};"));
                 Ok(())
@@ -691,12 +639,7 @@ mod tests {
         let t = QueryStatsTable::new(10);
         t.record(0xab, "select $1", "db", 3, 1, false);
         let s = t.get(0xab).unwrap().serialize(flat::Flat).unwrap();
-        assert!(
-            s.starts_with(
-                "fingerprint=\"00000000000000ab\";query=\"select $1\";database=\"db\";calls=1;"
-            ),
-            "{s}"
-        );
+        assert!(s.starts_with("fingerprint=\"00000000000000ab\";query=\"select $1\";database=\"db\";calls=1;"), "{s}");
         for field in [
             "errors=0;",
             "rows=1;",

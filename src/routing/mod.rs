@@ -23,11 +23,7 @@ pub struct Route {
 
 /// A route that never changes.
 pub fn fixed(target: Target) -> (watch::Sender<Route>, watch::Receiver<Route>) {
-    watch::channel(Route {
-        target: Some(Arc::new(target)),
-        generation: 1,
-        since: Instant::now(),
-    })
+    watch::channel(Route { target: Some(Arc::new(target)), generation: 1, since: Instant::now() })
 }
 
 /// Publishes a new target (or none) if it differs from the current one; returns whether it changed.
@@ -65,10 +61,7 @@ pub async fn follow_cluster(
     let mut lost_at: Option<Instant> = None;
     loop {
         let v = view.borrow_and_update().clone();
-        let leader = v.leader.as_ref().map(|m| Target {
-            host: m.host.clone(),
-            port: m.port,
-        });
+        let leader = v.leader.as_ref().map(|m| Target { host: m.host.clone(), port: m.port });
         if !v.reachable {
             if last_leader.is_some() {
                 warn!(cluster = %name, "patroni unreachable; routing to the last confirmed leader");
@@ -101,9 +94,5 @@ pub async fn follow_cluster(
 
 /// An empty route (no target yet), for databases that follow a cluster.
 pub fn pending() -> (watch::Sender<Route>, watch::Receiver<Route>) {
-    watch::channel(Route {
-        target: None,
-        generation: 1,
-        since: Instant::now(),
-    })
+    watch::channel(Route { target: None, generation: 1, since: Instant::now() })
 }

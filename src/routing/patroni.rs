@@ -177,8 +177,7 @@ struct ClusterDoc {
 /// whole answer: it could not be used as leader or replica anyway. Members come back sorted by
 /// name so the same cluster read from different endpoints compares equal.
 pub fn parse_cluster(body: &[u8]) -> Result<Vec<Member>, PatroniError> {
-    let doc: ClusterDoc =
-        serde_json::from_slice(body).map_err(|e| PatroniError::Cluster(e.to_string()))?;
+    let doc: ClusterDoc = serde_json::from_slice(body).map_err(|e| PatroniError::Cluster(e.to_string()))?;
     let mut members: Vec<Member> = Vec::with_capacity(doc.members.len());
     for raw in &doc.members {
         let Some(m) = parse_member(raw) else { continue };
@@ -208,42 +207,21 @@ fn parse_member(raw: &Value) -> Option<Member> {
         None | Some(Value::Null) => DEFAULT_PG_PORT,
         Some(v) => parse_port(v)?,
     };
-    let role = obj
-        .get("role")
-        .and_then(Value::as_str)
-        .map_or(Role::Other, Role::from_patroni);
+    let role = obj.get("role").and_then(Value::as_str).map_or(Role::Other, Role::from_patroni);
     // Patroni itself writes "" when a member has not reported a state.
-    let state = obj
-        .get("state")
-        .and_then(Value::as_str)
-        .unwrap_or("")
-        .to_string();
-    let api_url = obj
-        .get("api_url")
-        .and_then(Value::as_str)
-        .map(str::to_string);
+    let state = obj.get("state").and_then(Value::as_str).unwrap_or("").to_string();
+    let api_url = obj.get("api_url").and_then(Value::as_str).map(str::to_string);
     let timeline = obj.get("timeline").and_then(Value::as_u64);
     // "unknown" (or a negative/float value) carries no usable byte count.
     let lag_bytes = obj.get("lag").and_then(Value::as_u64);
-    Some(Member {
-        name: name.to_string(),
-        role,
-        state,
-        host: host.to_string(),
-        port,
-        api_url,
-        timeline,
-        lag_bytes,
-    })
+    Some(Member { name: name.to_string(), role, state, host: host.to_string(), port, api_url, timeline, lag_bytes })
 }
 
 fn parse_port(v: &Value) -> Option<u16> {
     let n = match v {
         Value::Number(n) => n.as_u64()?,
         // Tolerate a quoted number; nothing else.
-        Value::String(s) if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) => {
-            s.parse().ok()?
-        }
+        Value::String(s) if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) => s.parse().ok()?,
         _ => return None,
     };
     u16::try_from(n).ok().filter(|&p| p != 0)
@@ -253,9 +231,7 @@ fn parse_port(v: &Value) -> Option<u16> {
 /// is `leader/stopping` while PostgreSQL is already shutting down, so role alone is not enough.
 /// If the answer somehow names two running leaders we refuse to guess.
 fn choose_leader(members: &[Member]) -> Option<Member> {
-    let mut it = members
-        .iter()
-        .filter(|m| m.role == Role::Leader && m.state == "running");
+    let mut it = members.iter().filter(|m| m.role == Role::Leader && m.state == "running");
     let first = it.next()?;
     if it.next().is_some() {
         return None;
@@ -279,10 +255,7 @@ struct Target {
 }
 
 fn parse_url(url: &str) -> Result<Target, PatroniError> {
-    let bad = |reason| PatroniError::InvalidUrl {
-        url: url.to_string(),
-        reason,
-    };
+    let bad = |reason| PatroniError::InvalidUrl { url: url.to_string(), reason };
     // Anything that could end up in the request head must not be able to break its framing.
     if url.bytes().any(|b| b <= b' ' || b == 0x7f) {
         return Err(bad("contains whitespace or control characters"));
@@ -327,12 +300,10 @@ fn parse_url(url: &str) -> Result<Target, PatroniError> {
     }
     let port = match port {
         None => 80,
-        Some(p) if !p.is_empty() && p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit()) => {
-            match p.parse::<u16>() {
-                Ok(n) if n != 0 => n,
-                _ => return Err(bad("port out of range")),
-            }
-        }
+        Some(p) if !p.is_empty() && p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit()) => match p.parse::<u16>() {
+            Ok(n) if n != 0 => n,
+            _ => return Err(bad("port out of range")),
+        },
         Some(_) => return Err(bad("invalid port")),
     };
     Ok(Target {
@@ -348,11 +319,7 @@ fn parse_url(url: &str) -> Result<Target, PatroniError> {
 /// `url` is a base URL ("http://127.0.0.1:8008"), `path` starts with '/'. Connect, request and
 /// the whole response are bounded together by `timeout`; the body is capped at [`MAX_BODY`].
 /// Any status code is returned as-is; judging it is the caller's business.
-pub async fn http_get(
-    url: &str,
-    path: &str,
-    timeout: Duration,
-) -> Result<(u16, Vec<u8>), PatroniError> {
+pub async fn http_get(url: &str, path: &str, timeout: Duration) -> Result<(u16, Vec<u8>), PatroniError> {
     let target = parse_url(url)?;
     if !path.starts_with('/') || path.bytes().any(|b| b <= b' ' || b == 0x7f) {
         return Err(PatroniError::InvalidPath(path.to_string()));
@@ -366,10 +333,7 @@ pub async fn http_get(
 async fn get_inner(t: &Target, path: &str) -> Result<(u16, Vec<u8>), PatroniError> {
     let mut stream = TcpStream::connect((t.host.as_str(), t.port))
         .await
-        .map_err(|source| PatroniError::Connect {
-            addr: t.authority.clone(),
-            source,
-        })?;
+        .map_err(|source| PatroniError::Connect { addr: t.authority.clone(), source })?;
     // One small write then wait: Nagle would only add latency here.
     let _ = stream.set_nodelay(true);
     let request = format!(
@@ -389,11 +353,7 @@ struct Reader<R> {
 
 impl<R: AsyncRead + Unpin> Reader<R> {
     fn new(inner: R) -> Self {
-        Reader {
-            inner,
-            buf: Vec::with_capacity(8192),
-            pos: 0,
-        }
+        Reader { inner, buf: Vec::with_capacity(8192), pos: 0 }
     }
 
     fn avail(&self) -> &[u8] {
@@ -457,9 +417,7 @@ impl<R: AsyncRead + Unpin> Reader<R> {
                 return Ok(());
             }
             if self.fill().await? == 0 {
-                return Err(PatroniError::Http(
-                    "connection closed before the body was complete",
-                ));
+                return Err(PatroniError::Http("connection closed before the body was complete"));
             }
         }
     }
@@ -492,10 +450,7 @@ struct Head {
 }
 
 /// Read one HTTP/1.x response (after interim 1xx ones) from `r`; body at most `cap` bytes.
-async fn read_response<R: AsyncRead + Unpin>(
-    r: R,
-    cap: usize,
-) -> Result<(u16, Vec<u8>), PatroniError> {
+async fn read_response<R: AsyncRead + Unpin>(r: R, cap: usize) -> Result<(u16, Vec<u8>), PatroniError> {
     let mut r = Reader::new(r);
     let mut interim = 0;
     let head = loop {
@@ -527,10 +482,7 @@ async fn read_response<R: AsyncRead + Unpin>(
     Ok((head.status, body))
 }
 
-async fn read_head<R: AsyncRead + Unpin>(
-    r: &mut Reader<R>,
-    cap: usize,
-) -> Result<Head, PatroniError> {
+async fn read_head<R: AsyncRead + Unpin>(r: &mut Reader<R>, cap: usize) -> Result<Head, PatroniError> {
     let Some(status_line) = r.line(MAX_HEAD).await? else {
         return Err(PatroniError::Http("connection closed without a response"));
     };
@@ -593,9 +545,7 @@ async fn read_head<R: AsyncRead + Unpin>(
 fn parse_status_line(line: &[u8]) -> Result<u16, PatroniError> {
     let bad = PatroniError::Http("invalid status line");
     let mut parts = line.splitn(3, |&b| b == b' ');
-    let version = parts
-        .next()
-        .ok_or(PatroniError::Http("invalid status line"))?;
+    let version = parts.next().ok_or(PatroniError::Http("invalid status line"))?;
     // Patroni's Python server answers HTTP/1.0; anything 1.x frames the same way for a GET.
     if !version.starts_with(b"HTTP/1.") {
         return Err(bad);
@@ -604,9 +554,7 @@ fn parse_status_line(line: &[u8]) -> Result<u16, PatroniError> {
     if code.len() != 3 || !code.iter().all(u8::is_ascii_digit) {
         return Err(bad);
     }
-    let status = code
-        .iter()
-        .fold(0u16, |acc, &d| acc * 10 + u16::from(d - b'0'));
+    let status = code.iter().fold(0u16, |acc, &d| acc * 10 + u16::from(d - b'0'));
     if status < 100 {
         return Err(bad);
     }
@@ -627,9 +575,7 @@ fn parse_decimal(s: &[u8]) -> Option<u64> {
     if s.is_empty() || s.len() > 19 || !s.iter().all(u8::is_ascii_digit) {
         return None;
     }
-    s.iter().try_fold(0u64, |acc, &d| {
-        acc.checked_mul(10)?.checked_add(u64::from(d - b'0'))
-    })
+    s.iter().try_fold(0u64, |acc, &d| acc.checked_mul(10)?.checked_add(u64::from(d - b'0')))
 }
 
 async fn read_chunked<R: AsyncRead + Unpin>(
@@ -639,17 +585,12 @@ async fn read_chunked<R: AsyncRead + Unpin>(
 ) -> Result<(), PatroniError> {
     loop {
         let Some(line) = r.line(MAX_CHUNK_LINE).await? else {
-            return Err(PatroniError::Http(
-                "connection closed before the last chunk",
-            ));
+            return Err(PatroniError::Http("connection closed before the last chunk"));
         };
         // chunk-size [; extensions]: extensions carry nothing we need.
         let size_part = line.split(|&b| b == b';').next().unwrap_or(b"");
         let size_part = trim_ows(size_part);
-        if size_part.is_empty()
-            || size_part.len() > 15
-            || !size_part.iter().all(u8::is_ascii_hexdigit)
-        {
+        if size_part.is_empty() || size_part.len() > 15 || !size_part.iter().all(u8::is_ascii_hexdigit) {
             return Err(PatroniError::Http("invalid chunk size"));
         }
         let size = size_part.iter().fold(0u64, |acc, &d| {
@@ -702,10 +643,7 @@ async fn fetch_cluster(endpoint: &str, timeout: Duration) -> Result<Vec<Member>,
 
 /// One poll: the endpoint that answered last first, then the others in configured order.
 /// Returns the index of the endpoint that answered, or the last error when none did.
-async fn poll_once(
-    cfg: &PatroniConfig,
-    preferred: usize,
-) -> Result<(usize, Vec<Member>), PatroniError> {
+async fn poll_once(cfg: &PatroniConfig, preferred: usize) -> Result<(usize, Vec<Member>), PatroniError> {
     let n = cfg.endpoints.len();
     let mut last_err = PatroniError::Http("no endpoints");
     for k in 0..n {
@@ -850,18 +788,12 @@ mod tests {
     use tokio::sync::watch;
     use tokio::task::JoinHandle;
 
-    const FIX_8008: &[u8] = include_bytes!(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/fixtures/patroni/8008-cluster.body"
-    ));
-    const FIX_8009: &[u8] = include_bytes!(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/fixtures/patroni/8009-cluster.body"
-    ));
-    const FIX_PATRONI: &[u8] = include_bytes!(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/fixtures/patroni/8008-patroni.body"
-    ));
+    const FIX_8008: &[u8] =
+        include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/patroni/8008-cluster.body"));
+    const FIX_8009: &[u8] =
+        include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/patroni/8009-cluster.body"));
+    const FIX_PATRONI: &[u8] =
+        include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/patroni/8008-patroni.body"));
 
     fn body(members: &[(&str, &str, &str, u16)]) -> String {
         let ms: Vec<String> = members
@@ -912,33 +844,21 @@ mod tests {
 
     #[test]
     fn status_body_is_not_a_cluster() {
-        assert!(matches!(
-            parse_cluster(FIX_PATRONI),
-            Err(PatroniError::Cluster(_))
-        ));
+        assert!(matches!(parse_cluster(FIX_PATRONI), Err(PatroniError::Cluster(_))));
     }
 
     #[test]
     fn no_leader() {
-        let b = body(&[
-            ("node1", "replica", "stopping", 15432),
-            ("node2", "replica", "running", 15433),
-        ]);
+        let b = body(&[("node1", "replica", "stopping", 15432), ("node2", "replica", "running", 15433)]);
         let m = parse_cluster(b.as_bytes()).unwrap();
         assert_eq!(m.len(), 2);
         assert_eq!(choose_leader(&m), None);
-        assert_eq!(
-            choose_leader(&parse_cluster(br#"{"members": []}"#).unwrap()),
-            None
-        );
+        assert_eq!(choose_leader(&parse_cluster(br#"{"members": []}"#).unwrap()), None);
     }
 
     #[test]
     fn leader_stopping_is_not_usable() {
-        let b = body(&[
-            ("node1", "leader", "stopping", 15432),
-            ("node2", "replica", "running", 15433),
-        ]);
+        let b = body(&[("node1", "leader", "stopping", 15432), ("node2", "replica", "running", 15433)]);
         let m = parse_cluster(b.as_bytes()).unwrap();
         assert_eq!(m[0].role, Role::Leader);
         assert_eq!(m[0].state, "stopping");
@@ -947,10 +867,7 @@ mod tests {
 
     #[test]
     fn standby_leader_is_not_writable() {
-        let b = body(&[
-            ("s1", "standby_leader", "running", 15432),
-            ("s2", "replica", "running", 15433),
-        ]);
+        let b = body(&[("s1", "standby_leader", "running", 15432), ("s2", "replica", "running", 15433)]);
         let m = parse_cluster(b.as_bytes()).unwrap();
         assert_eq!(m[0].role, Role::StandbyLeader);
         assert_eq!(choose_leader(&m), None);
@@ -1010,11 +927,7 @@ mod tests {
             b"{\"members\": [{\"name\": \"n1\"",
             b"\xff\xfe\x00",
         ] {
-            assert!(
-                matches!(parse_cluster(b), Err(PatroniError::Cluster(_))),
-                "{:?}",
-                String::from_utf8_lossy(b)
-            );
+            assert!(matches!(parse_cluster(b), Err(PatroniError::Cluster(_))), "{:?}", String::from_utf8_lossy(b));
         }
         // Nesting far beyond serde_json's recursion limit must be an error, not a stack overflow.
         let deep = format!(r#"{{"members": [{}]}}"#, "[".repeat(100_000));
@@ -1047,18 +960,10 @@ mod tests {
     #[test]
     fn urls() {
         let t = parse_url("http://127.0.0.1:8008").unwrap();
-        assert_eq!(
-            (t.host.as_str(), t.port, t.prefix.as_str()),
-            ("127.0.0.1", 8008, "")
-        );
+        assert_eq!((t.host.as_str(), t.port, t.prefix.as_str()), ("127.0.0.1", 8008, ""));
         let t = parse_url("HTTP://[::1]:8009/api/").unwrap();
         assert_eq!(
-            (
-                t.host.as_str(),
-                t.port,
-                t.authority.as_str(),
-                t.prefix.as_str()
-            ),
+            (t.host.as_str(), t.port, t.authority.as_str(), t.prefix.as_str()),
             ("::1", 8009, "[::1]:8009", "/api")
         );
         let t = parse_url("node1").unwrap();
@@ -1089,13 +994,9 @@ mod tests {
 
     #[tokio::test]
     async fn response_framings() {
-        let (s, b) = parse_raw(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhelloEXTRA")
-            .await
-            .unwrap();
+        let (s, b) = parse_raw(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhelloEXTRA").await.unwrap();
         assert_eq!((s, b.as_slice()), (200, &b"hello"[..]));
-        let (s, b) = parse_raw(b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: x\r\n\r\nbye")
-            .await
-            .unwrap();
+        let (s, b) = parse_raw(b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: x\r\n\r\nbye").await.unwrap();
         assert_eq!((s, b.as_slice()), (503, &b"bye"[..]));
         let (s, b) = parse_raw(
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, Chunked\r\nContent-Length: 1\r\n\r\n3;ext=1\r\nabc\r\n0\r\nX-T: 1\r\n\r\n",
@@ -1104,20 +1005,12 @@ mod tests {
         .unwrap();
         assert_eq!((s, b.as_slice()), (200, &b"abc"[..]));
         // Bare LF line endings and a 100 Continue first.
-        let (s, b) =
-            parse_raw(b"HTTP/1.1 100 Continue\n\nHTTP/1.1 200 OK\nContent-Length: 2\n\nok")
-                .await
-                .unwrap();
+        let (s, b) = parse_raw(b"HTTP/1.1 100 Continue\n\nHTTP/1.1 200 OK\nContent-Length: 2\n\nok").await.unwrap();
         assert_eq!((s, b.as_slice()), (200, &b"ok"[..]));
-        let (s, b) = parse_raw(b"HTTP/1.1 204 No Content\r\nContent-Length: 9\r\n\r\n")
-            .await
-            .unwrap();
+        let (s, b) = parse_raw(b"HTTP/1.1 204 No Content\r\nContent-Length: 9\r\n\r\n").await.unwrap();
         assert_eq!((s, b.len()), (204, 0));
         // Last chunk without trailer terminator: the body is complete, accept it.
-        let (_, b) =
-            parse_raw(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n")
-                .await
-                .unwrap();
+        let (_, b) = parse_raw(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n").await.unwrap();
         assert_eq!(b, b"ok");
     }
 
@@ -1148,19 +1041,12 @@ mod tests {
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nfffffffffffffff\r\n",
         ];
         for raw in cases {
-            assert!(
-                parse_raw(raw).await.is_err(),
-                "{:?}",
-                String::from_utf8_lossy(raw)
-            );
+            assert!(parse_raw(raw).await.is_err(), "{:?}", String::from_utf8_lossy(raw));
         }
         let mut interims = b"HTTP/1.1 100 Continue\r\n\r\n".repeat(20);
         interims.extend_from_slice(b"HTTP/1.1 200 OK\r\n\r\n");
         assert!(parse_raw(&interims).await.is_err());
-        let long_header = format!(
-            "HTTP/1.1 200 OK\r\nX: {}\r\n\r\n",
-            "a".repeat(MAX_HEAD + 10)
-        );
+        let long_header = format!("HTTP/1.1 200 OK\r\nX: {}\r\n\r\n", "a".repeat(MAX_HEAD + 10));
         assert!(parse_raw(long_header.as_bytes()).await.is_err());
         let many_headers = format!("HTTP/1.1 200 OK\r\n{}\r\n", "X-A: b\r\n".repeat(20_000));
         assert!(parse_raw(many_headers.as_bytes()).await.is_err());
@@ -1168,7 +1054,8 @@ mod tests {
 
     #[tokio::test]
     async fn response_truncations_never_panic() {
-        let full = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4;a=b\r\nwxyz\r\n2\r\nab\r\n0\r\nT: v\r\n\r\n";
+        let full =
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4;a=b\r\nwxyz\r\n2\r\nab\r\n0\r\nT: v\r\n\r\n";
         for i in 0..full.len() {
             let _ = parse_raw(&full[..i]).await;
         }
@@ -1230,17 +1117,9 @@ mod tests {
         assert!(req.contains(&format!("\r\nHost: {addr}\r\n")), "{req}");
         assert!(req.contains("\r\nConnection: close\r\n"), "{req}");
         // A path prefix in the base URL is kept.
-        let (_, _) = http_get(&format!("http://{addr}/api/"), "/cluster", T)
-            .await
-            .unwrap();
-        assert!(seen
-            .lock()
-            .unwrap()
-            .starts_with("GET /api/cluster HTTP/1.1\r\n"));
-        assert!(matches!(
-            http_get(&url, "cluster", T).await,
-            Err(PatroniError::InvalidPath(_))
-        ));
+        let (_, _) = http_get(&format!("http://{addr}/api/"), "/cluster", T).await.unwrap();
+        assert!(seen.lock().unwrap().starts_with("GET /api/cluster HTTP/1.1\r\n"));
+        assert!(matches!(http_get(&url, "cluster", T).await, Err(PatroniError::InvalidPath(_))));
         task.abort();
     }
 
@@ -1263,9 +1142,7 @@ mod tests {
             tokio::time::sleep(Duration::from_secs(5)).await;
         })
         .await;
-        let (status, body) = http_get(&format!("http://{addr}"), "/cluster", T)
-            .await
-            .unwrap();
+        let (status, body) = http_get(&format!("http://{addr}"), "/cluster", T).await.unwrap();
         assert_eq!(status, 200);
         assert_eq!(body, br#"{"members": []}"#);
         assert_eq!(parse_cluster(&body).unwrap(), vec![]);
@@ -1279,9 +1156,7 @@ mod tests {
             let _ = s.write_all(FIX_8008).await;
         })
         .await;
-        let (status, body) = http_get(&format!("http://{addr}"), "/cluster", T)
-            .await
-            .unwrap();
+        let (status, body) = http_get(&format!("http://{addr}"), "/cluster", T).await.unwrap();
         assert_eq!((status, body.as_slice()), (200, FIX_8008));
         task.abort();
     }
@@ -1290,25 +1165,15 @@ mod tests {
     async fn http_slow_server_times_out() {
         let (addr, task) = serve_with(|mut s, _| async move {
             // Headers promptly, body never: the timeout covers the whole exchange.
-            let _ = s
-                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nab")
-                .await;
+            let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nab").await;
             tokio::time::sleep(Duration::from_secs(10)).await;
         })
         .await;
         let t0 = Instant::now();
-        let r = http_get(
-            &format!("http://{addr}"),
-            "/cluster",
-            Duration::from_millis(200),
-        )
-        .await;
+        let r = http_get(&format!("http://{addr}"), "/cluster", Duration::from_millis(200)).await;
         let took = t0.elapsed();
         assert!(matches!(r, Err(PatroniError::Timeout(_))), "{r:?}");
-        assert!(
-            took >= Duration::from_millis(190) && took < Duration::from_secs(2),
-            "{took:?}"
-        );
+        assert!(took >= Duration::from_millis(190) && took < Duration::from_secs(2), "{took:?}");
         task.abort();
     }
 
@@ -1325,15 +1190,8 @@ mod tests {
     async fn http_oversized_bodies() {
         // Declared too large: refused before reading the body.
         let (addr, task) = serve_with(|mut s, _| async move {
-            let _ = s
-                .write_all(
-                    format!(
-                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n",
-                        MAX_BODY + 1
-                    )
-                    .as_bytes(),
-                )
-                .await;
+            let _ =
+                s.write_all(format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", MAX_BODY + 1).as_bytes()).await;
             tokio::time::sleep(Duration::from_secs(5)).await;
         })
         .await;
@@ -1366,16 +1224,8 @@ mod tests {
                 }
             })
             .await;
-            let r = http_get(
-                &format!("http://{addr}"),
-                "/cluster",
-                Duration::from_secs(5),
-            )
-            .await;
-            assert!(
-                matches!(r, Err(PatroniError::BodyTooLarge { .. })),
-                "chunked={chunked}: {r:?}"
-            );
+            let r = http_get(&format!("http://{addr}"), "/cluster", Duration::from_secs(5)).await;
+            assert!(matches!(r, Err(PatroniError::BodyTooLarge { .. })), "chunked={chunked}: {r:?}");
             task.abort();
         }
     }
@@ -1442,12 +1292,7 @@ mod tests {
     const POLL: Duration = Duration::from_millis(100);
 
     fn cfg(endpoints: Vec<String>) -> PatroniConfig {
-        PatroniConfig {
-            name: "hft".into(),
-            endpoints,
-            poll_interval: POLL,
-            http_timeout: Duration::from_millis(300),
-        }
+        PatroniConfig { name: "hft".into(), endpoints, poll_interval: POLL, http_timeout: Duration::from_millis(300) }
     }
 
     fn leader_name(v: &ClusterView) -> Option<String> {
@@ -1475,10 +1320,7 @@ mod tests {
         .await;
         match r {
             Ok(v) => (v, t0.elapsed()),
-            Err(_) => panic!(
-                "no matching view within {within:?}; last: {:?}",
-                *rx.borrow()
-            ),
+            Err(_) => panic!("no matching view within {within:?}; last: {:?}", *rx.borrow()),
         }
     }
 
@@ -1495,13 +1337,7 @@ mod tests {
         log
     }
 
-    fn start_watch(
-        endpoints: Vec<String>,
-    ) -> (
-        watch::Receiver<ClusterView>,
-        CancellationToken,
-        JoinHandle<()>,
-    ) {
+    fn start_watch(endpoints: Vec<String>) -> (watch::Receiver<ClusterView>, CancellationToken, JoinHandle<()>) {
         let (tx, rx) = watch::channel(initial_view());
         let token = CancellationToken::new();
         let task = tokio::spawn(watch(cfg(endpoints), tx, token.clone()));
@@ -1509,16 +1345,10 @@ mod tests {
     }
 
     fn node1_leader() -> String {
-        body(&[
-            ("node1", "leader", "running", 15432),
-            ("node2", "replica", "running", 15433),
-        ])
+        body(&[("node1", "leader", "running", 15432), ("node2", "replica", "running", 15433)])
     }
     fn node2_leader() -> String {
-        body(&[
-            ("node1", "replica", "running", 15432),
-            ("node2", "leader", "running", 15433),
-        ])
+        body(&[("node1", "replica", "running", 15432), ("node2", "leader", "running", 15433)])
     }
 
     #[tokio::test]
@@ -1539,11 +1369,7 @@ mod tests {
         // The source switch alone does not wake subscribers, so look at the current value.
         let t0 = Instant::now();
         while rx.borrow().source.as_deref() != Some(b_url.as_str()) {
-            assert!(
-                t0.elapsed() < Duration::from_secs(2),
-                "no failover: {:?}",
-                *rx.borrow()
-            );
+            assert!(t0.elapsed() < Duration::from_secs(2), "no failover: {:?}", *rx.borrow());
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         let v = rx.borrow().clone();
@@ -1551,25 +1377,17 @@ mod tests {
         assert_eq!(leader_name(&v).as_deref(), Some("node1"));
         let confirmed = v.updated;
         tokio::time::sleep(POLL * 3).await;
-        assert!(
-            rx.borrow().updated > confirmed,
-            "polls via the second endpoint must refresh `updated`"
-        );
+        assert!(rx.borrow().updated > confirmed, "polls via the second endpoint must refresh `updated`");
 
         // While failing over, subscribers never saw the cluster unreachable or leaderless.
         for v in log.lock().unwrap().iter() {
-            assert!(
-                v.reachable && leader_name(v).as_deref() == Some("node1"),
-                "{v:?}"
-            );
+            assert!(v.reachable && leader_name(v).as_deref() == Some("node1"), "{v:?}");
         }
 
         // And the second endpoint keeps being followed: a leader change shows up.
         b.serve(&node2_leader());
-        let (v, took) = wait_view(&mut rx, Duration::from_secs(2), |v| {
-            leader_name(v).as_deref() == Some("node2")
-        })
-        .await;
+        let (v, took) =
+            wait_view(&mut rx, Duration::from_secs(2), |v| leader_name(v).as_deref() == Some("node2")).await;
         assert!(took <= POLL * 3, "took {took:?}");
         assert_eq!(v.leader.as_ref().unwrap().port, 15433);
         token.cancel();
@@ -1586,10 +1404,7 @@ mod tests {
         let changed0 = v0.changed.unwrap();
 
         // Old leader demoting: still role leader, but not running -> no usable leader.
-        a.serve(&body(&[
-            ("node1", "leader", "stopping", 15432),
-            ("node2", "replica", "running", 15433),
-        ]));
+        a.serve(&body(&[("node1", "leader", "stopping", 15432), ("node2", "replica", "running", 15433)]));
         let (v, took) = wait_view(&mut rx, Duration::from_secs(2), |v| v.leader.is_none()).await;
         assert!(took <= POLL * 3, "leader=None took {took:?}");
         assert!(v.reachable);
@@ -1597,10 +1412,8 @@ mod tests {
         assert_eq!(v.members[0].state, "stopping");
 
         a.serve(&node2_leader());
-        let (v, took) = wait_view(&mut rx, Duration::from_secs(2), |v| {
-            leader_name(v).as_deref() == Some("node2")
-        })
-        .await;
+        let (v, took) =
+            wait_view(&mut rx, Duration::from_secs(2), |v| leader_name(v).as_deref() == Some("node2")).await;
         assert!(took <= POLL * 3, "new leader took {took:?}");
         eprintln!("new leader published {took:?} after the body changed");
 
@@ -1665,10 +1478,7 @@ mod tests {
         tokio::time::sleep(POLL * 2).await;
         let t0 = Instant::now();
         token.cancel();
-        tokio::time::timeout(Duration::from_millis(200), task)
-            .await
-            .expect("watch did not stop")
-            .unwrap();
+        tokio::time::timeout(Duration::from_millis(200), task).await.expect("watch did not stop").unwrap();
         assert!(t0.elapsed() < Duration::from_millis(200));
     }
 
@@ -1678,10 +1488,7 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(!rx.borrow().reachable);
         token.cancel();
-        tokio::time::timeout(Duration::from_secs(1), task)
-            .await
-            .unwrap()
-            .unwrap();
+        tokio::time::timeout(Duration::from_secs(1), task).await.unwrap().unwrap();
     }
 
     #[test]
@@ -1693,10 +1500,7 @@ mod tests {
         assert_eq!(v.changed, Some(t1));
         let t2 = t1 + Duration::from_millis(100);
         assert!(!apply_answer(&mut v, members.clone(), "b", t2));
-        assert_eq!(
-            (v.updated, v.changed, v.source.as_deref()),
-            (t2, Some(t1), Some("b"))
-        );
+        assert_eq!((v.updated, v.changed, v.source.as_deref()), (t2, Some(t1), Some("b")));
         assert!(apply_failure(&mut v));
         assert!(!apply_failure(&mut v));
         assert!(v.leader.is_some() && !v.reachable);

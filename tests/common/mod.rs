@@ -42,8 +42,7 @@ fn pg_command(bin: &str) -> Command {
     let path = pg_bin().join(bin);
     if is_root() {
         let mut c = Command::new("setpriv");
-        c.args(["--reuid=postgres", "--regid=postgres", "--init-groups"])
-            .arg(path);
+        c.args(["--reuid=postgres", "--regid=postgres", "--init-groups"]).arg(path);
         c
     } else {
         Command::new(path)
@@ -52,12 +51,7 @@ fn pg_command(bin: &str) -> Command {
 
 fn chown_postgres(p: &Path) {
     if is_root() {
-        let st = Command::new("chown")
-            .arg("-R")
-            .arg("postgres:postgres")
-            .arg(p)
-            .status()
-            .expect("chown");
+        let st = Command::new("chown").arg("-R").arg("postgres:postgres").arg(p).status().expect("chown");
         assert!(st.success(), "chown postgres {}", p.display());
     }
 }
@@ -81,27 +75,13 @@ fn template() -> PathBuf {
     let out = pg_command("initdb")
         .arg("-D")
         .arg(tmp.join("data"))
-        .args([
-            "-U",
-            "postgres",
-            "--auth=scram-sha-256",
-            "-E",
-            "UTF8",
-            "--locale=C",
-        ])
+        .args(["-U", "postgres", "--auth=scram-sha-256", "-E", "UTF8", "--locale=C"])
         .arg(format!("--pwfile={}", pw.display()))
         .output()
         .expect("run initdb");
-    assert!(
-        out.status.success(),
-        "initdb failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "initdb failed: {}", String::from_utf8_lossy(&out.stderr));
     let data = tmp.join("data");
-    let mut conf = std::fs::OpenOptions::new()
-        .append(true)
-        .open(data.join("postgresql.conf"))
-        .unwrap();
+    let mut conf = std::fs::OpenOptions::new().append(true).open(data.join("postgresql.conf")).unwrap();
     writeln!(
         conf,
         "fsync = off\nsynchronous_commit = off\nfull_page_writes = off\nmax_connections = 300\nshared_buffers = 64MB\nlisten_addresses = '127.0.0.1'\nlog_min_messages = warning"
@@ -125,17 +105,9 @@ impl Pg {
     /// Starts a fresh server (user `postgres`, password `secret`, SCRAM).
     pub fn start() -> Pg {
         let tpl = template();
-        let dir = tempfile::Builder::new()
-            .prefix("pgrelay-pg-")
-            .tempdir()
-            .expect("tempdir");
+        let dir = tempfile::Builder::new().prefix("pgrelay-pg-").tempdir().expect("tempdir");
         let data = dir.path().join("data");
-        let st = Command::new("cp")
-            .arg("-a")
-            .arg(&tpl)
-            .arg(&data)
-            .status()
-            .expect("cp");
+        let st = Command::new("cp").arg("-a").arg(&tpl).arg(&data).status().expect("cp");
         assert!(st.success());
         chown_postgres(dir.path());
         let _ = Command::new("chmod").arg("755").arg(dir.path()).status();
@@ -174,11 +146,7 @@ impl Pg {
 
     /// Stops the server (fast mode).
     pub fn stop(&self) {
-        let _ = pg_command("pg_ctl")
-            .arg("-D")
-            .arg(self.data())
-            .args(["-m", "fast", "-w", "-t", "30", "stop"])
-            .output();
+        let _ = pg_command("pg_ctl").arg("-D").arg(self.data()).args(["-m", "fast", "-w", "-t", "30", "stop"]).output();
     }
 
     /// Starts it again after `stop`.
@@ -194,10 +162,7 @@ impl Pg {
 
     /// Connection string for tokio-postgres, direct.
     pub fn url(&self) -> String {
-        format!(
-            "host=127.0.0.1 port={} user=postgres password={PASSWORD} dbname=postgres",
-            self.port
-        )
+        format!("host=127.0.0.1 port={} user=postgres password={PASSWORD} dbname=postgres", self.port)
     }
 }
 
@@ -214,13 +179,7 @@ impl Drop for Pg {
 }
 
 /// Runs psql and returns its output (unaligned, tuples only) or its error text.
-pub fn psql_at(
-    port: u16,
-    user: &str,
-    password: &str,
-    db: &str,
-    sql: &str,
-) -> Result<String, String> {
+pub fn psql_at(port: u16, user: &str, password: &str, db: &str, sql: &str) -> Result<String, String> {
     let out = Command::new("psql")
         .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1"])
         .arg("-p")
@@ -259,22 +218,14 @@ impl Relay {
     pub fn start(pg: &Pg, proxy_extra: &str, tail: &str) -> Relay {
         let port = free_port();
         let metrics_port = free_port();
-        let dir = tempfile::Builder::new()
-            .prefix("pgrelay-relay-")
-            .tempdir()
-            .expect("tempdir");
+        let dir = tempfile::Builder::new().prefix("pgrelay-relay-").tempdir().expect("tempdir");
         std::fs::write(dir.path().join("userlist.txt"), USERLIST).unwrap();
         let cfg = format!(
             "[proxy]\nlisten = \"127.0.0.1:{port}\"\nserver_check_delay = \"0\"\n{proxy_extra}\n\n[auth]\ntype = \"scram-sha-256\"\nfile = \"userlist.txt\"\nadmin_users = [\"pgrelay\"]\nstats_users = [\"stats\"]\n\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n\n[databases.postgres]\nhost = \"127.0.0.1\"\nport = {}\n\n{tail}\n",
             pg.port
         );
         std::fs::write(dir.path().join("proxy.toml"), cfg).unwrap();
-        let mut r = Relay {
-            port,
-            metrics_port,
-            dir,
-            child: None,
-        };
+        let mut r = Relay { port, metrics_port, dir, child: None };
         r.spawn();
         r
     }
@@ -297,11 +248,7 @@ impl Relay {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
         while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "pgrelay did not start: {}",
-                self.log()
-            );
+            assert!(Instant::now() < deadline, "pgrelay did not start: {}", self.log());
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -311,10 +258,7 @@ impl Relay {
     }
 
     pub fn url(&self, user: &str, password: &str) -> String {
-        format!(
-            "host=127.0.0.1 port={} user={user} password={password} dbname=postgres",
-            self.port
-        )
+        format!("host=127.0.0.1 port={} user={user} password={password} dbname=postgres", self.port)
     }
 
     /// tokio-postgres connection as `postgres` through the relay.
@@ -330,11 +274,7 @@ impl Relay {
     /// Sends a signal to the process.
     pub fn signal(&self, sig: &str) {
         let pid = self.child.as_ref().expect("running").id();
-        let st = Command::new("kill")
-            .arg(format!("-{sig}"))
-            .arg(pid.to_string())
-            .status()
-            .unwrap();
+        let st = Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).status().unwrap();
         assert!(st.success());
     }
 
@@ -356,18 +296,11 @@ impl Relay {
     /// GET on the metrics/API port; returns the body.
     pub fn http_get(&self, path: &str) -> String {
         use std::io::Read;
-        let mut s =
-            std::net::TcpStream::connect(("127.0.0.1", self.metrics_port)).expect("metrics port");
-        write!(
-            s,
-            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-        )
-        .unwrap();
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.metrics_port)).expect("metrics port");
+        write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
         let mut out = String::new();
         s.read_to_string(&mut out).unwrap();
-        out.split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_string())
-            .unwrap_or_default()
+        out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default()
     }
 }
 
@@ -385,9 +318,7 @@ impl Drop for Relay {
 
 /// Connects with tokio-postgres and drives the connection in the background.
 pub async fn connect(url: &str) -> tokio_postgres::Client {
-    try_connect(url)
-        .await
-        .unwrap_or_else(|e| panic!("connect {url}: {e}"))
+    try_connect(url).await.unwrap_or_else(|e| panic!("connect {url}: {e}"))
 }
 
 /// Like `connect`, returning the error.
@@ -411,17 +342,11 @@ pub fn pgbench(args: &[&str]) -> (String, bool) {
         .env("PGPASSWORD", PASSWORD)
         .output()
         .expect("pgbench not found: apt-get install -y postgresql-contrib (or postgresql-15)");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     (text, out.status.success())
 }
 
 /// The server's message text of an error (tokio-postgres displays only "db error").
 pub fn msg(e: &tokio_postgres::Error) -> String {
-    e.as_db_error()
-        .map(|d| d.message().to_string())
-        .unwrap_or_else(|| e.to_string())
+    e.as_db_error().map(|d| d.message().to_string()).unwrap_or_else(|| e.to_string())
 }
