@@ -142,7 +142,13 @@ pub fn assess(i: &ScoreInputs) -> (f64, Vec<Warning>) {
         if !value.is_finite() {
             return;
         }
-        let crossed = |t: f64| if higher_is_worse { value > t } else { value < t };
+        let crossed = |t: f64| {
+            if higher_is_worse {
+                value > t
+            } else {
+                value < t
+            }
+        };
         let (level, threshold, pts) = if crossed(crit_at) {
             ("critical", crit_at, crit_pts)
         } else if crossed(warn_at) {
@@ -435,7 +441,8 @@ impl Collector {
                 secret,
                 scram_keys: None,
             };
-            let mut conn = ServerConn::connect(target, &login, &cfg.proxy, route.generation).await?;
+            let mut conn =
+                ServerConn::connect(target, &login, &cfg.proxy, route.generation).await?;
             // A hung catalog query must not stall the collector; the name makes it easy to spot in pg_stat_activity.
             conn.execute("SET statement_timeout = '2s'; SET application_name = 'pgrelay-health'")
                 .await?;
@@ -451,10 +458,22 @@ impl Collector {
         let xacts = raw.xact_commit.saturating_add(raw.xact_rollback);
         // A counter that went down means pg_stat_reset(): start the deltas over.
         let (tps, new_deadlocks, new_temp_files) = match &self.prev {
-            Some(p) if xacts >= p.xacts && raw.deadlocks >= p.deadlocks && raw.temp_files >= p.temp_files => {
+            Some(p)
+                if xacts >= p.xacts
+                    && raw.deadlocks >= p.deadlocks
+                    && raw.temp_files >= p.temp_files =>
+            {
                 let secs = now.saturating_duration_since(p.at).as_secs_f64();
-                let tps = if secs > 0.0 { (xacts - p.xacts) as f64 / secs } else { 0.0 };
-                (tps, raw.deadlocks - p.deadlocks, raw.temp_files - p.temp_files)
+                let tps = if secs > 0.0 {
+                    (xacts - p.xacts) as f64 / secs
+                } else {
+                    0.0
+                };
+                (
+                    tps,
+                    raw.deadlocks - p.deadlocks,
+                    raw.temp_files - p.temp_files,
+                )
             }
             _ => (0.0, 0, 0),
         };
@@ -464,10 +483,22 @@ impl Collector {
             deadlocks: raw.deadlocks,
             temp_files: raw.temp_files,
         });
-        let hit = ratio_percent(raw.blks_hit, raw.blks_hit.saturating_add(raw.blks_read), 100.0);
+        let hit = ratio_percent(
+            raw.blks_hit,
+            raw.blks_hit.saturating_add(raw.blks_read),
+            100.0,
+        );
         let util = ratio_percent(raw.connections, raw.max_connections, 0.0);
-        let max_lag_bytes = raw.replication.iter().map(|r| r.lag_bytes).fold(0.0, f64::max);
-        let max_lag_seconds = raw.replication.iter().map(|r| r.lag_seconds).fold(0.0, f64::max);
+        let max_lag_bytes = raw
+            .replication
+            .iter()
+            .map(|r| r.lag_bytes)
+            .fold(0.0, f64::max);
+        let max_lag_seconds = raw
+            .replication
+            .iter()
+            .map(|r| r.lag_seconds)
+            .fold(0.0, f64::max);
         let (score, warnings) = assess(&ScoreInputs {
             connection_utilization_percent: util,
             buffer_hit_ratio_percent: hit,
@@ -575,7 +606,9 @@ async fn query(conn: &mut ServerConn) -> Result<Raw> {
     // Without pg_read_all_stats the lag columns are NULL; a failure here must not hide the numbers above.
     match conn.query_column(REPLICATION_SQL).await {
         Ok(rows) => raw.replication = rows.iter().map(Vec::as_slice).map(replica).collect(),
-        Err(e @ Error::ServerRefused { .. }) => debug!(error = %e, "pg_stat_replication not readable"),
+        Err(e @ Error::ServerRefused { .. }) => {
+            debug!(error = %e, "pg_stat_replication not readable")
+        }
         Err(e) => return Err(e),
     }
     Ok(raw)
@@ -600,7 +633,12 @@ fn int(v: Option<&str>) -> i64 {
     let v = v.unwrap_or("").trim();
     v.parse::<i64>()
         .ok()
-        .or_else(|| v.parse::<f64>().ok().filter(|f| f.is_finite()).map(|f| f as i64))
+        .or_else(|| {
+            v.parse::<f64>()
+                .ok()
+                .filter(|f| f.is_finite())
+                .map(|f| f as i64)
+        })
         .unwrap_or(0)
 }
 

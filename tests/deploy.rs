@@ -38,9 +38,32 @@ const SCRAPE_SERIES: &[&str] = &["up"];
 
 /// PromQL functions, aggregation operators and keywords (identifiers that are not metric names).
 const PROMQL_WORDS: &[&str] = &[
-    "sum", "min", "max", "avg", "count", "stddev", "stdvar", "topk", "bottomk", "quantile",
-    "count_values", "group", "by", "without", "on", "ignoring", "group_left", "group_right",
-    "and", "or", "unless", "bool", "offset", "inf", "nan", "atan2",
+    "sum",
+    "min",
+    "max",
+    "avg",
+    "count",
+    "stddev",
+    "stdvar",
+    "topk",
+    "bottomk",
+    "quantile",
+    "count_values",
+    "group",
+    "by",
+    "without",
+    "on",
+    "ignoring",
+    "group_left",
+    "group_right",
+    "and",
+    "or",
+    "unless",
+    "bool",
+    "offset",
+    "inf",
+    "nan",
+    "atan2",
 ];
 
 fn root() -> PathBuf {
@@ -69,7 +92,14 @@ fn metric_names(expr: &str) -> Vec<String> {
         i + 1
     };
     // After one of these words, a parenthesised list holds label names, not an expression.
-    let label_list = ["by", "without", "on", "ignoring", "group_left", "group_right"];
+    let label_list = [
+        "by",
+        "without",
+        "on",
+        "ignoring",
+        "group_left",
+        "group_right",
+    ];
     while i < b.len() {
         let c = b[i];
         if c == b'"' || c == b'\'' || c == b'`' {
@@ -83,7 +113,8 @@ fn metric_names(expr: &str) -> Vec<String> {
             while i < b.len() && (ident(b[i]) || b[i] == b'{' || b[i] == b'}') {
                 i += 1;
             }
-        } else if c.is_ascii_digit() || (c == b'.' && b.get(i + 1).is_some_and(u8::is_ascii_digit)) {
+        } else if c.is_ascii_digit() || (c == b'.' && b.get(i + 1).is_some_and(u8::is_ascii_digit))
+        {
             // Numbers and durations (1e3, 0.95, 5m) as a whole, so their letters are not names.
             while i < b.len() && (ident(b[i]) || b[i] == b'.') {
                 i += 1;
@@ -150,7 +181,9 @@ fn extractor_finds_metrics_and_skips_the_rest() {
         ["db_query_duration_seconds_bucket"]
     );
     assert_eq!(
-        metric_names("a_total / ignoring(state) group_left (x) b_total offset 5m and on() up == bool 0"),
+        metric_names(
+            "a_total / ignoring(state) group_left (x) b_total offset 5m and on() up == bool 0"
+        ),
         ["a_total", "b_total", "up"]
     );
     assert_eq!(
@@ -159,7 +192,10 @@ fn extractor_finds_metrics_and_skips_the_rest() {
     );
     assert!(exported("db_query_duration_seconds_bucket"));
     assert!(exported("pgrelay_pool_wait_seconds_count"));
-    assert!(!exported("db_query_duration_seconds"), "a histogram has no bare series");
+    assert!(
+        !exported("db_query_duration_seconds"),
+        "a histogram has no bare series"
+    );
     assert!(!exported("pgrelay_queries_total_bucket"));
     assert!(!exported("pg_up"));
 }
@@ -182,7 +218,9 @@ fn alert_rules_parse_and_name_exported_metrics() {
             };
             assert!(alerts.insert(alert.to_string()), "duplicate alert {alert}");
             let ctx = format!("{gname}/{alert}");
-            let f = r["for"].as_str().unwrap_or_else(|| panic!("{ctx}: no `for`"));
+            let f = r["for"]
+                .as_str()
+                .unwrap_or_else(|| panic!("{ctx}: no `for`"));
             humantime::parse_duration(f).unwrap_or_else(|e| panic!("{ctx}: for {f:?}: {e}"));
             let sev = r["labels"]["severity"]
                 .as_str()
@@ -269,7 +307,11 @@ fn dashboard_parses_and_names_exported_metrics() {
         );
         for t in targets.into_iter().flatten() {
             let ds = t["datasource"]["uid"].as_str();
-            assert_eq!(ds, Some("${datasource}"), "panel {title:?} uses the datasource variable");
+            assert_eq!(
+                ds,
+                Some("${datasource}"),
+                "panel {title:?} uses the datasource variable"
+            );
         }
     }
     assert!(
@@ -290,7 +332,9 @@ fn dashboard_parses_and_names_exported_metrics() {
         "pgrelay_leader_changes_total",
     ] {
         assert!(
-            exprs.iter().any(|e| metric_names(e).iter().any(|n| n == metric)),
+            exprs
+                .iter()
+                .any(|e| metric_names(e).iter().any(|n| n == metric)),
             "dashboard shows no {metric}"
         );
     }

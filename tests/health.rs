@@ -66,7 +66,11 @@ async fn snapshot_after(
 /// psql's unaligned output row split into fields.
 fn fields(row: &str) -> Vec<i64> {
     row.split('|')
-        .map(|f| f.trim().parse().unwrap_or_else(|_| panic!("number in {row:?}")))
+        .map(|f| {
+            f.trim()
+                .parse()
+                .unwrap_or_else(|_| panic!("number in {row:?}"))
+        })
         .collect()
 }
 
@@ -82,8 +86,16 @@ async fn numbers_match_pg_stat_views() {
     let (monitor, task) = start(&shared);
 
     // A sort that spills (temp file), then a warm-up so the hit ratio is dominated by cached reads.
-    psql(&pg, "CREATE TABLE t AS SELECT g AS id, md5(g::text) AS v FROM generate_series(1, 20000) g").await;
-    psql(&pg, "SET work_mem = '64kB'; SELECT count(*) FROM (SELECT v FROM t ORDER BY v) s").await;
+    psql(
+        &pg,
+        "CREATE TABLE t AS SELECT g AS id, md5(g::text) AS v FROM generate_series(1, 20000) g",
+    )
+    .await;
+    psql(
+        &pg,
+        "SET work_mem = '64kB'; SELECT count(*) FROM (SELECT v FROM t ORDER BY v) s",
+    )
+    .await;
     for _ in 0..10 {
         psql(&pg, "SELECT count(*) FROM t WHERE v LIKE 'a%'").await;
     }
@@ -91,10 +103,13 @@ async fn numbers_match_pg_stat_views() {
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     let max_connections: i64 = psql(&pg, "SHOW max_connections").await.parse().unwrap();
-    let backends: i64 = psql(&pg, "SELECT sum(numbackends) FROM pg_stat_database WHERE datid <> 0")
-        .await
-        .parse()
-        .unwrap();
+    let backends: i64 = psql(
+        &pg,
+        "SELECT sum(numbackends) FROM pg_stat_database WHERE datid <> 0",
+    )
+    .await
+    .parse()
+    .unwrap();
     let direct = fields(
         &psql(
             &pg,
@@ -105,11 +120,17 @@ async fn numbers_match_pg_stat_views() {
     );
     let read_at = SystemTime::now();
     let (hit, read) = (direct[0], direct[1]);
-    assert!(direct[5] >= 1, "the spilling sort made a temp file: {direct:?}");
+    assert!(
+        direct[5] >= 1,
+        "the spilling sort made a temp file: {direct:?}"
+    );
 
     let s = snapshot_after(&monitor, read_at, |s| s.error.is_none()).await;
     assert_eq!(s.max_connections, max_connections);
-    assert_eq!(s.max_connections, 300, "the harness sets max_connections = 300");
+    assert_eq!(
+        s.max_connections, 300,
+        "the harness sets max_connections = 300"
+    );
     assert!(
         (s.connections - backends).abs() <= 2,
         "connections {} vs sum(numbackends) {backends}",
@@ -151,7 +172,11 @@ async fn numbers_match_pg_stat_views() {
         new_temp_files: 0,
     });
     assert_eq!(s.warnings, warnings);
-    assert!(s.score <= score && s.score >= score - 15.0, "{} vs {score}", s.score);
+    assert!(
+        s.score <= score && s.score >= score - 15.0,
+        "{} vs {score}",
+        s.score
+    );
 
     // A workload between two samples shows up as transactions per second.
     let before = SystemTime::now();
@@ -234,8 +259,9 @@ async fn reports_errors_and_reconnects_after_a_restart() {
     assert_eq!(down.score, 0.0);
     let text = shared.metrics.render();
     assert!(
-        text.lines().any(|l| l
-            .starts_with(&format!("pgrelay_health_collector_errors_total{{database=\"{DB}\"}} "))),
+        text.lines().any(|l| l.starts_with(&format!(
+            "pgrelay_health_collector_errors_total{{database=\"{DB}\"}} "
+        ))),
         "error counter exported:\n{text}"
     );
     assert!(text.contains(&format!("db_performance_score{{database=\"{DB}\"}} 0")));
@@ -264,7 +290,15 @@ async fn replicas_from_pg_stat_replication() {
     let mut child = Command::new("pg_receivewal")
         .arg("-D")
         .arg(wal.path())
-        .args(["-h", "127.0.0.1", "-p", &pg.port.to_string(), "-U", "postgres", "-w"])
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &pg.port.to_string(),
+            "-U",
+            "postgres",
+            "-w",
+        ])
         .env("PGPASSWORD", PASSWORD)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -274,17 +308,22 @@ async fn replicas_from_pg_stat_replication() {
         s.replication.iter().any(|r| r.state == "streaming")
     })
     .await;
-    let _ = child.kill();
-    let _ = child.wait();
     let direct = psql(
         &pg,
         "SELECT application_name, host(client_addr), sync_state FROM pg_stat_replication",
     )
     .await;
+    let _ = child.kill();
+    let _ = child.wait();
     let r = &s.replication[0];
     assert_eq!(s.replication.len(), 1, "{:?}", s.replication);
     assert_eq!(
-        format!("{}|{}|{}", r.application_name, r.client_addr.as_deref().unwrap_or(""), r.sync_state),
+        format!(
+            "{}|{}|{}",
+            r.application_name,
+            r.client_addr.as_deref().unwrap_or(""),
+            r.sync_state
+        ),
         direct
     );
     assert_eq!(r.application_name, "pg_receivewal");
