@@ -335,6 +335,187 @@ async fn replicas_from_pg_stat_replication() {
     task.await.unwrap();
 }
 
+/// A streaming standby of `primary` (pg_basebackup -R), stopped on drop.
+struct Standby {
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+extern "C" {
+    fn geteuid() -> u32;
+}
+
+/// A PostgreSQL program, run as `postgres` when we are root (the server refuses to run as root).
+fn pg_cmd(bin: &str) -> Command {
+    let path = common::pg_bin().join(bin);
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { geteuid() } == 0 {
+        let mut c = Command::new("setpriv");
+        c.args(["--reuid=postgres", "--regid=postgres", "--init-groups"])
+            .arg(path);
+        c
+    } else {
+        Command::new(path)
+    }
+}
+
+impl Standby {
+    fn start(primary: &Pg) -> Standby {
+        let dir = tempfile::Builder::new()
+            .prefix("pgrelay-standby-")
+            .tempdir()
+            .unwrap();
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { geteuid() } == 0 {
+            let st = Command::new("chown")
+                .args(["postgres:postgres"])
+                .arg(dir.path())
+                .status()
+                .unwrap();
+            assert!(st.success());
+        }
+        let data = dir.path().join("data");
+        let out = pg_cmd("pg_basebackup")
+            .arg("-D")
+            .arg(&data)
+            .args(["-h", "127.0.0.1", "-p", &primary.port.to_string()])
+            .args([
+                "-U",
+                "postgres",
+                "-R",
+                "-X",
+                "stream",
+                "--checkpoint=fast",
+                "-w",
+            ])
+            .env("PGPASSWORD", PASSWORD)
+            .output()
+            .expect("pg_basebackup");
+        assert!(
+            out.status.success(),
+            "pg_basebackup: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let port = common::free_port();
+        let out = pg_cmd("pg_ctl")
+            .arg("-D")
+            .arg(&data)
+            .arg("-l")
+            .arg(dir.path().join("pg.log"))
+            .arg("-o")
+            .arg(format!("-p {port} -k {}", dir.path().display()))
+            .args(["-w", "-t", "60", "start"])
+            .output()
+            .expect("pg_ctl start");
+        assert!(
+            out.status.success(),
+            "standby start: {}",
+            std::fs::read_to_string(dir.path().join("pg.log")).unwrap_or_default()
+        );
+        Standby { port, dir }
+    }
+}
+
+impl Drop for Standby {
+    fn drop(&mut self) {
+        let _ = pg_cmd("pg_ctl")
+            .arg("-D")
+            .arg(self.dir.path().join("data"))
+            .args(["-m", "immediate", "-w", "-t", "20", "stop"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn primary_and_standby() {
+    let pg = Pg::start();
+    let standby = tokio::task::block_in_place(|| Standby::start(&pg));
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!(
+        "[proxy]\nlisten = \"127.0.0.1:0\"\n\n[auth]\ntype = \"trust\"\n\n[metrics]\nlisten = \"\"\n\n\
+         [databases.primary]\nhost = \"127.0.0.1\"\nport = {}\ndbname = \"postgres\"\nuser = \"postgres\"\npassword = \"{PASSWORD}\"\n\n\
+         [databases.standby]\nhost = \"127.0.0.1\"\nport = {}\ndbname = \"postgres\"\nuser = \"postgres\"\npassword = \"{PASSWORD}\"\n",
+        pg.port, standby.port
+    );
+    let path = dir.path().join("proxy.toml");
+    std::fs::write(&path, text).unwrap();
+    let shared = pgrelay::app::build(Config::load(&path).unwrap(), path).unwrap();
+    // The login user is not in any userlist: the entries' user/password must be used.
+    let monitor = HealthMonitor::new();
+    let task = tokio::spawn(health::run(
+        shared.clone(),
+        monitor.clone(),
+        Duration::from_millis(200),
+        "nobody".into(),
+    ));
+    // Write some WAL so the replica has something to replay.
+    psql(
+        &pg,
+        "CREATE TABLE w AS SELECT g FROM generate_series(1, 50000) g",
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (p, s) = loop {
+        let all = monitor.snapshot();
+        let get = |n: &str| all.iter().find(|s| s.database == n).cloned();
+        if let (Some(p), Some(s)) = (get("primary"), get("standby")) {
+            if p.replication.iter().any(|r| r.state == "streaming") && s.error.is_none() {
+                break (p, s);
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no primary+standby snapshots: {all:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(p.error, None);
+    assert!(!p.in_recovery);
+    assert_eq!(p.replication.len(), 1, "{:?}", p.replication);
+    let r = &p.replication[0];
+    assert_eq!(
+        (r.sync_state.as_str(), r.client_addr.as_deref()),
+        ("async", Some("127.0.0.1"))
+    );
+    let direct = psql(
+        &pg,
+        "SELECT application_name, state FROM pg_stat_replication",
+    )
+    .await;
+    assert_eq!(format!("{}|{}", r.application_name, r.state), direct);
+    assert!(
+        r.lag_bytes >= 0.0 && r.lag_bytes < 64.0 * 1024.0 * 1024.0,
+        "{r:?}"
+    );
+    assert!(r.lag_seconds >= 0.0 && r.lag_seconds < 10.0, "{r:?}");
+    assert_eq!(
+        (p.max_lag_bytes, p.max_lag_seconds),
+        (r.lag_bytes, r.lag_seconds)
+    );
+    // The standby is sampled without errors (no pg_current_wal_lsn() there) and says it is one.
+    assert!(s.in_recovery);
+    assert!(s.replication.is_empty());
+    assert_eq!(s.max_connections, 300);
+    // Once replay catches up the lag reads (near) zero on the primary.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let p = monitor.get("primary").unwrap();
+        if p.replication.len() == 1 && p.max_lag_bytes == 0.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "lag never reached 0: {:?}",
+            p.replication
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    shared.shutdown.cancel();
+    task.await.unwrap();
+}
+
 #[test]
 fn score_and_warnings_follow_the_thresholds() {
     let healthy = ScoreInputs {
