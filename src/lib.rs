@@ -4,6 +4,7 @@
 //! - [`app`]: supervisor — listeners, signals, janitor, drain. Uses everything below.
 //! - [`client`]: one client session (startup, auth, relay loop) → [`pool`] → [`server`] → [`protocol`], [`auth`].
 //! - [`admin`] / [`http`]: the admin console and the HTTP endpoint.
+//! - [`health`]: DB health collector (pg_stat views, health score, warnings).
 //! - [`routing`]: where each database lives (static host or Patroni leader).
 //! - [`state`]: the `Arc<Shared>` handed to every task.
 //! - [`config`], [`error`], [`observe`]: leaves anyone may use.
@@ -14,6 +15,7 @@ pub mod auth;
 pub mod client;
 pub mod config;
 pub mod error;
+pub mod health;
 pub mod http;
 pub mod observe;
 pub mod pool;
