@@ -134,6 +134,9 @@ async fn run_command(shared: &Arc<Shared>, conn: &mut ClientConn, sql: &str, is_
             "VERSION" => Some((vec!["version"], vec![vec![s(format!("pgrelay {}", env!("CARGO_PKG_VERSION")))]])),
             "LISTS" => Some(show_lists(shared)),
             "CLUSTER" => Some(show_cluster(shared)),
+            "QUERIES" => Some(show_queries(shared)),
+            "SLOW" => Some(show_slow(shared)),
+            "HEALTH" => Some(show_health(shared)),
             "HELP" => Some((vec!["command"], HELP.iter().map(|h| vec![s(h)]).collect())),
             _ => {
                 error(conn, sqlstate::SYNTAX_ERROR, &format!("unknown SHOW command: {what}; try SHOW HELP"));
@@ -201,7 +204,8 @@ async fn run_command(shared: &Arc<Shared>, conn: &mut ClientConn, sql: &str, is_
 }
 
 const HELP: &[&str] = &[
-    "SHOW POOLS|STATS|CLIENTS|SERVERS|DATABASES|CONFIG|VERSION|LISTS|CLUSTER|HELP",
+    "SHOW POOLS|STATS|CLIENTS|SERVERS|DATABASES|CONFIG|VERSION|LISTS|HELP",
+    "SHOW QUERIES|SLOW|HEALTH|CLUSTER",
     "PAUSE [db]",
     "RESUME [db]",
     "RELOAD",
@@ -550,5 +554,134 @@ fn show_cluster(shared: &Shared) -> Rows {
             ]);
         }
     }
+    (cols, rows)
+}
+
+fn ms(us: u64) -> String {
+    format!("{:.3}", us as f64 / 1000.0)
+}
+
+fn show_queries(shared: &Shared) -> Rows {
+    let cols = vec![
+        "fingerprint",
+        "database",
+        "calls",
+        "total_ms",
+        "mean_ms",
+        "p50_ms",
+        "p95_ms",
+        "p99_ms",
+        "max_ms",
+        "rows",
+        "errors",
+        "query",
+    ];
+    let rows = shared
+        .observer
+        .stats
+        .snapshot()
+        .into_iter()
+        .map(|q| {
+            vec![
+                s(format!("{:016x}", q.fingerprint)),
+                s(q.database),
+                s(q.calls),
+                s(ms(q.total_us)),
+                s(format!("{:.3}", q.mean_us / 1000.0)),
+                s(ms(q.p50_us)),
+                s(ms(q.p95_us)),
+                s(ms(q.p99_us)),
+                s(ms(q.max_us)),
+                s(q.rows),
+                s(q.errors),
+                s(q.query),
+            ]
+        })
+        .collect();
+    (cols, rows)
+}
+
+fn show_slow(shared: &Shared) -> Rows {
+    let cols = vec![
+        "time",
+        "duration_ms",
+        "database",
+        "user",
+        "client",
+        "application_name",
+        "fingerprint",
+        "query",
+        "params",
+        "rows",
+        "error",
+        "server",
+    ];
+    let rows = shared
+        .observer
+        .slow
+        .recent(200)
+        .into_iter()
+        .map(|q| {
+            let t = UNIX_EPOCH + std::time::Duration::from_secs_f64(q.time.max(0.0));
+            vec![
+                s(humantime::format_rfc3339_millis(t)),
+                s(format!("{:.3}", q.duration_ms)),
+                s(q.database),
+                s(q.user),
+                s(q.client_addr),
+                s(q.application_name),
+                s(format!("{:016x}", q.fingerprint)),
+                s(if q.redacted { q.normalized } else { q.query }),
+                s(serde_json::to_string(&q.params).unwrap_or_default()),
+                s(q.rows),
+                q.error,
+                s(q.server),
+            ]
+        })
+        .collect();
+    (cols, rows)
+}
+
+fn show_health(shared: &Shared) -> Rows {
+    let cols = vec![
+        "database",
+        "score",
+        "buffer_hit_ratio_percent",
+        "connection_utilization_percent",
+        "connections",
+        "max_connections",
+        "transactions_per_second",
+        "deadlocks",
+        "temp_files",
+        "max_lag_bytes",
+        "max_lag_seconds",
+        "in_recovery",
+        "warnings",
+        "error",
+    ];
+    let rows = shared
+        .health
+        .snapshot()
+        .into_iter()
+        .map(|h| {
+            let warnings: Vec<String> = h.warnings.iter().map(|w| format!("{}: {}", w.level, w.message)).collect();
+            vec![
+                s(&h.database),
+                s(format!("{:.0}", h.score)),
+                s(format!("{:.2}", h.buffer_hit_ratio_percent)),
+                s(format!("{:.1}", h.connection_utilization_percent)),
+                s(h.connections),
+                s(h.max_connections),
+                s(format!("{:.1}", h.transactions_per_second)),
+                s(h.deadlocks),
+                s(h.temp_files),
+                s(h.max_lag_bytes),
+                s(h.max_lag_seconds),
+                s(h.in_recovery),
+                s(warnings.join("; ")),
+                h.error.clone(),
+            ]
+        })
+        .collect();
     (cols, rows)
 }

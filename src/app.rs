@@ -62,6 +62,14 @@ pub async fn run(shared: Arc<Shared>, listener: TcpListener) -> std::io::Result<
         shared.observer.slow.start_writer(cfg.resolve(log));
     }
     start_patroni(&shared);
+    if cfg.health.enabled && !cfg.databases.is_empty() {
+        tokio::spawn(crate::health::run(
+            shared.clone(),
+            shared.health.clone(),
+            cfg.health.interval.get().unwrap_or(crate::health::DEFAULT_INTERVAL),
+            cfg.health.user.clone(),
+        ));
+    }
     tokio::spawn(janitor(shared.clone()));
     let stop = tokio::spawn(signals(shared.clone()));
     info!(addr = %listener.local_addr()?, "pgrelay listening");
@@ -205,6 +213,7 @@ async fn janitor(shared: Arc<Shared>) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut n: u64 = 0;
     let mut gauges: HashMap<String, [metrics::Gauge; 5]> = HashMap::new();
+    let mut query_totals: HashMap<String, (u64, u64)> = HashMap::new();
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -217,6 +226,7 @@ async fn janitor(shared: Arc<Shared>) {
                 p.janitor();
             }
             pool_gauges(&shared, &mut gauges);
+            mean_query_times(&shared, &mut query_totals);
         }
         if n.is_multiple_of(50) {
             shared.metrics.upkeep();
@@ -291,6 +301,23 @@ fn pool_gauges(shared: &Shared, gauges: &mut HashMap<String, [metrics::Gauge; 5]
         g[3].set(if v[3] > 0.0 { 100.0 * v[0] / v[3] } else { 0.0 });
         g[4].set(v[4]);
     }
+}
+
+/// Feeds the health score the mean query time each database saw over the last second.
+fn mean_query_times(shared: &Shared, prev: &mut HashMap<String, (u64, u64)>) {
+    let mut now: HashMap<String, (u64, u64)> = HashMap::new();
+    for p in shared.pools.iter() {
+        let e = now.entry(p.key.database.clone()).or_default();
+        e.0 += p.stats.query_count.load(Ordering::Relaxed);
+        e.1 += p.stats.query_time_us.load(Ordering::Relaxed);
+    }
+    for (db, (n, t)) in &now {
+        let (pn, pt) = prev.get(db).copied().unwrap_or_default();
+        let dn = n.saturating_sub(pn);
+        let ms = (dn > 0).then(|| t.saturating_sub(pt) as f64 / dn as f64 / 1000.0);
+        shared.health.set_mean_query_ms(db, ms);
+    }
+    *prev = now;
 }
 
 /// Raises the open-files soft limit to the hard limit, so thousands of clients do not hit EMFILE.

@@ -253,6 +253,22 @@ impl Default for SlowQueryConfig {
     }
 }
 
+/// The `[health]` table: the DB health collector.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct HealthConfig {
+    pub enabled: bool,
+    pub interval: Dur,
+    /// PostgreSQL role the collector logs in as (needs a userlist entry; pg_monitor to see replication lag).
+    pub user: String,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        HealthConfig { enabled: true, interval: Dur::secs(5), user: "postgres".into() }
+    }
+}
+
 /// One `[databases.NAME]` entry: where a client database name is sent.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Default)]
 #[serde(default, deny_unknown_fields)]
@@ -305,6 +321,7 @@ pub struct Config {
     pub tls: TlsConfig,
     pub metrics: MetricsConfig,
     pub slow_query: SlowQueryConfig,
+    pub health: HealthConfig,
     pub databases: BTreeMap<String, DatabaseConfig>,
     pub patroni: BTreeMap<String, PatroniConfig>,
     /// Directory of the config file, to resolve relative paths. Not a key.

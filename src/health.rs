@@ -191,14 +191,7 @@ pub fn assess(i: &ScoreInputs) -> (f64, Vec<Warning>) {
         "replication lag bytes",
     );
     if let Some(ms) = i.mean_query_ms {
-        check(
-            "mean_query_ms",
-            ms,
-            QUERY_TIME_MS,
-            penalty::QUERY_TIME,
-            true,
-            "mean query time ms",
-        );
+        check("mean_query_ms", ms, QUERY_TIME_MS, penalty::QUERY_TIME, true, "mean query time ms");
     }
     if i.new_deadlocks > 0 {
         score -= penalty::DEADLOCKS;
@@ -262,12 +255,7 @@ impl HealthMonitor {
 ///
 /// Logs in as `login_user`, or as the database entry's `user`/`password` when set; the secret of
 /// `login_user` comes from the userlist otherwise.
-pub async fn run(
-    shared: Arc<Shared>,
-    monitor: Arc<HealthMonitor>,
-    interval: Duration,
-    login_user: String,
-) {
+pub async fn run(shared: Arc<Shared>, monitor: Arc<HealthMonitor>, interval: Duration, login_user: String) {
     let mut tick = tokio::time::interval(interval.max(Duration::from_millis(10)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut collectors: BTreeMap<String, Collector> = BTreeMap::new();
@@ -281,9 +269,7 @@ pub async fn run(
         collectors.retain(|db, _| cfg.databases.contains_key(db));
         monitor.retain(|db| cfg.databases.contains_key(db));
         for db in cfg.databases.keys() {
-            let c = collectors
-                .entry(db.clone())
-                .or_insert_with(|| Collector::new(&shared, db));
+            let c = collectors.entry(db.clone()).or_insert_with(|| Collector::new(&shared, db));
             let snap = tokio::select! {
                 s = c.sample(&shared, &login_user, monitor.mean_query_ms(db)) => s,
                 _ = shared.shutdown.cancelled() => break 'run,
@@ -361,21 +347,10 @@ struct Collector {
 
 impl Collector {
     fn new(shared: &Shared, db: &str) -> Collector {
-        Collector {
-            db: db.to_string(),
-            conn: None,
-            prev: None,
-            failing: false,
-            gauges: Gauges::new(shared, db),
-        }
+        Collector { db: db.to_string(), conn: None, prev: None, failing: false, gauges: Gauges::new(shared, db) }
     }
 
-    async fn sample(
-        &mut self,
-        shared: &Shared,
-        login_user: &str,
-        mean_query_ms: Option<f64>,
-    ) -> HealthSnapshot {
+    async fn sample(&mut self, shared: &Shared, login_user: &str, mean_query_ms: Option<f64>) -> HealthSnapshot {
         let r = match self.connection(shared, login_user).await {
             Ok(conn) => match tokio::time::timeout(SAMPLE_TIMEOUT, query(conn)).await {
                 Ok(r) => r,
@@ -413,9 +388,8 @@ impl Collector {
             .ok_or_else(|| Error::Pool(format!("database {} has no route", self.db)))?
             .borrow()
             .clone();
-        let target: Arc<Target> = route
-            .target
-            .ok_or_else(|| Error::Pool(format!("database {} has no leader now", self.db)))?;
+        let target: Arc<Target> =
+            route.target.ok_or_else(|| Error::Pool(format!("database {} has no leader now", self.db)))?;
         let stale = match &self.conn {
             Some(c) => c.generation != route.generation || *c.target != *target,
             None => true,
@@ -441,16 +415,12 @@ impl Collector {
                 secret,
                 scram_keys: None,
             };
-            let mut conn =
-                ServerConn::connect(target, &login, &cfg.proxy, route.generation).await?;
+            let mut conn = ServerConn::connect(target, &login, &cfg.proxy, route.generation).await?;
             // A hung catalog query must not stall the collector; the name makes it easy to spot in pg_stat_activity.
-            conn.execute("SET statement_timeout = '2s'; SET application_name = 'pgrelay-health'")
-                .await?;
+            conn.execute("SET statement_timeout = '2s'; SET application_name = 'pgrelay-health'").await?;
             self.conn = Some(conn);
         }
-        self.conn
-            .as_mut()
-            .ok_or_else(|| Error::Internal("health connection vanished after connect".into()))
+        self.conn.as_mut().ok_or_else(|| Error::Internal("health connection vanished after connect".into()))
     }
 
     fn snapshot(&mut self, raw: Raw, mean_query_ms: Option<f64>) -> HealthSnapshot {
@@ -458,47 +428,18 @@ impl Collector {
         let xacts = raw.xact_commit.saturating_add(raw.xact_rollback);
         // A counter that went down means pg_stat_reset(): start the deltas over.
         let (tps, new_deadlocks, new_temp_files) = match &self.prev {
-            Some(p)
-                if xacts >= p.xacts
-                    && raw.deadlocks >= p.deadlocks
-                    && raw.temp_files >= p.temp_files =>
-            {
+            Some(p) if xacts >= p.xacts && raw.deadlocks >= p.deadlocks && raw.temp_files >= p.temp_files => {
                 let secs = now.saturating_duration_since(p.at).as_secs_f64();
-                let tps = if secs > 0.0 {
-                    (xacts - p.xacts) as f64 / secs
-                } else {
-                    0.0
-                };
-                (
-                    tps,
-                    raw.deadlocks - p.deadlocks,
-                    raw.temp_files - p.temp_files,
-                )
+                let tps = if secs > 0.0 { (xacts - p.xacts) as f64 / secs } else { 0.0 };
+                (tps, raw.deadlocks - p.deadlocks, raw.temp_files - p.temp_files)
             }
             _ => (0.0, 0, 0),
         };
-        self.prev = Some(Previous {
-            at: now,
-            xacts,
-            deadlocks: raw.deadlocks,
-            temp_files: raw.temp_files,
-        });
-        let hit = ratio_percent(
-            raw.blks_hit,
-            raw.blks_hit.saturating_add(raw.blks_read),
-            100.0,
-        );
+        self.prev = Some(Previous { at: now, xacts, deadlocks: raw.deadlocks, temp_files: raw.temp_files });
+        let hit = ratio_percent(raw.blks_hit, raw.blks_hit.saturating_add(raw.blks_read), 100.0);
         let util = ratio_percent(raw.connections, raw.max_connections, 0.0);
-        let max_lag_bytes = raw
-            .replication
-            .iter()
-            .map(|r| r.lag_bytes)
-            .fold(0.0, f64::max);
-        let max_lag_seconds = raw
-            .replication
-            .iter()
-            .map(|r| r.lag_seconds)
-            .fold(0.0, f64::max);
+        let max_lag_bytes = raw.replication.iter().map(|r| r.lag_bytes).fold(0.0, f64::max);
+        let max_lag_seconds = raw.replication.iter().map(|r| r.lag_seconds).fold(0.0, f64::max);
         let (score, warnings) = assess(&ScoreInputs {
             connection_utilization_percent: util,
             buffer_hit_ratio_percent: hit,
@@ -631,22 +572,12 @@ fn replica(r: &[Option<String>]) -> ReplicaLag {
 /// a fractional form is accepted too.
 fn int(v: Option<&str>) -> i64 {
     let v = v.unwrap_or("").trim();
-    v.parse::<i64>()
-        .ok()
-        .or_else(|| {
-            v.parse::<f64>()
-                .ok()
-                .filter(|f| f.is_finite())
-                .map(|f| f as i64)
-        })
-        .unwrap_or(0)
+    v.parse::<i64>().ok().or_else(|| v.parse::<f64>().ok().filter(|f| f.is_finite()).map(|f| f as i64)).unwrap_or(0)
 }
 
 /// A float column; NULL, empty, NaN or infinity read as 0.
 fn float(v: Option<&str>) -> f64 {
-    v.and_then(|s| s.trim().parse::<f64>().ok())
-        .filter(|f| f.is_finite())
-        .unwrap_or(0.0)
+    v.and_then(|s| s.trim().parse::<f64>().ok()).filter(|f| f.is_finite()).unwrap_or(0.0)
 }
 
 /// `100 * part / whole`, or `if_empty` when `whole` is not positive.

@@ -93,6 +93,16 @@ fn route(shared: &Shared, path: &str) -> (u16, &'static str, String) {
                 .collect();
             (200, "application/json", serde_json::Value::Array(pools).to_string())
         }
+        "/api/queries" => json(&shared.observer.stats.snapshot()),
+        "/api/slow" => json(&shared.observer.slow.recent(1000)),
+        "/api/health" => json(&shared.health.snapshot()),
         _ => (404, "text/plain", "not found\n".to_string()),
+    }
+}
+
+fn json<T: serde::Serialize>(v: &T) -> (u16, &'static str, String) {
+    match serde_json::to_string(v) {
+        Ok(b) => (200, "application/json", b),
+        Err(e) => (500, "text/plain", format!("{e}\n")),
     }
 }

@@ -26,6 +26,8 @@ pub struct Prepared {
     pub qtype: QueryType,
     pub fingerprint: u64,
     pub query: Arc<str>,
+    /// Parameter types as the server described them (ParameterDescription), for showing captured values.
+    pub described_types: std::sync::OnceLock<Vec<u32>>,
 }
 
 /// Server-side name for a content hash.
@@ -59,6 +61,7 @@ pub fn from_parse(body: &[u8]) -> Option<(String, Prepared)> {
             qtype: fingerprint::query_type(query),
             fingerprint: fingerprint::fingerprint(query),
             query: Arc::from(query),
+            described_types: std::sync::OnceLock::new(),
         },
     ))
 }

@@ -115,6 +115,7 @@ pub struct Shared {
     pub cancel_keys: DashMap<(i32, i32), Arc<ClientInfo>>,
     pub metrics: Arc<Metrics>,
     pub observer: Arc<crate::observe::Observer>,
+    pub health: Arc<crate::health::HealthMonitor>,
     pub client_count: AtomicUsize,
     pub next_client_id: AtomicU64,
     pub epoch: Instant,
@@ -132,6 +133,7 @@ impl Shared {
         let observer = Arc::new(crate::observe::Observer::new(&config));
         Arc::new(Shared {
             observer,
+            health: crate::health::HealthMonitor::new(),
             config: Arc::new(ArcSwap::from_pointee(config)),
             config_path,
             userlist: ArcSwap::from_pointee(userlist),

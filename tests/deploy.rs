@@ -92,14 +92,7 @@ fn metric_names(expr: &str) -> Vec<String> {
         i + 1
     };
     // After one of these words, a parenthesised list holds label names, not an expression.
-    let label_list = [
-        "by",
-        "without",
-        "on",
-        "ignoring",
-        "group_left",
-        "group_right",
-    ];
+    let label_list = ["by", "without", "on", "ignoring", "group_left", "group_right"];
     while i < b.len() {
         let c = b[i];
         if c == b'"' || c == b'\'' || c == b'`' {
@@ -113,8 +106,7 @@ fn metric_names(expr: &str) -> Vec<String> {
             while i < b.len() && (ident(b[i]) || b[i] == b'{' || b[i] == b'}') {
                 i += 1;
             }
-        } else if c.is_ascii_digit() || (c == b'.' && b.get(i + 1).is_some_and(u8::is_ascii_digit))
-        {
+        } else if c.is_ascii_digit() || (c == b'.' && b.get(i + 1).is_some_and(u8::is_ascii_digit)) {
             // Numbers and durations (1e3, 0.95, 5m) as a whole, so their letters are not names.
             while i < b.len() && (ident(b[i]) || b[i] == b'.') {
                 i += 1;
@@ -147,10 +139,9 @@ fn exported(name: &str) -> bool {
     if EXPORTED.contains(&name) || SCRAPE_SERIES.contains(&name) {
         return !HISTOGRAMS.contains(&name);
     }
-    ["_bucket", "_sum", "_count"].iter().any(|suffix| {
-        name.strip_suffix(suffix)
-            .is_some_and(|base| HISTOGRAMS.contains(&base))
-    })
+    ["_bucket", "_sum", "_count"]
+        .iter()
+        .any(|suffix| name.strip_suffix(suffix).is_some_and(|base| HISTOGRAMS.contains(&base)))
 }
 
 fn assert_all_exported(file: &str, exprs: &[String]) {
@@ -181,21 +172,13 @@ fn extractor_finds_metrics_and_skips_the_rest() {
         ["db_query_duration_seconds_bucket"]
     );
     assert_eq!(
-        metric_names(
-            "a_total / ignoring(state) group_left (x) b_total offset 5m and on() up == bool 0"
-        ),
+        metric_names("a_total / ignoring(state) group_left (x) b_total offset 5m and on() up == bool 0"),
         ["a_total", "b_total", "up"]
     );
-    assert_eq!(
-        metric_names("sum(increase(foo[$__rate_interval])) by (cluster)"),
-        ["foo"]
-    );
+    assert_eq!(metric_names("sum(increase(foo[$__rate_interval])) by (cluster)"), ["foo"]);
     assert!(exported("db_query_duration_seconds_bucket"));
     assert!(exported("pgrelay_pool_wait_seconds_count"));
-    assert!(
-        !exported("db_query_duration_seconds"),
-        "a histogram has no bare series"
-    );
+    assert!(!exported("db_query_duration_seconds"), "a histogram has no bare series");
     assert!(!exported("pgrelay_queries_total_bucket"));
     assert!(!exported("pg_up"));
 }
@@ -218,20 +201,12 @@ fn alert_rules_parse_and_name_exported_metrics() {
             };
             assert!(alerts.insert(alert.to_string()), "duplicate alert {alert}");
             let ctx = format!("{gname}/{alert}");
-            let f = r["for"]
-                .as_str()
-                .unwrap_or_else(|| panic!("{ctx}: no `for`"));
+            let f = r["for"].as_str().unwrap_or_else(|| panic!("{ctx}: no `for`"));
             humantime::parse_duration(f).unwrap_or_else(|e| panic!("{ctx}: for {f:?}: {e}"));
-            let sev = r["labels"]["severity"]
-                .as_str()
-                .unwrap_or_else(|| panic!("{ctx}: no labels.severity"));
-            assert!(
-                ["info", "warning", "critical"].contains(&sev),
-                "{ctx}: severity {sev}"
-            );
-            let summary = r["annotations"]["summary"]
-                .as_str()
-                .unwrap_or_else(|| panic!("{ctx}: no annotations.summary"));
+            let sev = r["labels"]["severity"].as_str().unwrap_or_else(|| panic!("{ctx}: no labels.severity"));
+            assert!(["info", "warning", "critical"].contains(&sev), "{ctx}: severity {sev}");
+            let summary =
+                r["annotations"]["summary"].as_str().unwrap_or_else(|| panic!("{ctx}: no annotations.summary"));
             assert!(!summary.trim().is_empty(), "{ctx}: empty summary");
         }
     }
@@ -247,9 +222,7 @@ fn alert_rules_parse_and_name_exported_metrics() {
         ("up", "== 0"),
     ] {
         assert!(
-            exprs
-                .iter()
-                .any(|e| metric_names(e).iter().any(|n| n == metric) && e.contains(threshold)),
+            exprs.iter().any(|e| metric_names(e).iter().any(|n| n == metric) && e.contains(threshold)),
             "no rule on {metric} {threshold}"
         );
     }
@@ -279,8 +252,7 @@ fn dashboard_parses_and_names_exported_metrics() {
     assert!(dash["schemaVersion"].as_u64().unwrap_or(0) >= 36);
     let vars = dash["templating"]["list"].as_array().expect("templating");
     assert!(
-        vars.iter()
-            .any(|v| v["type"] == "datasource" && v["query"] == "prometheus"),
+        vars.iter().any(|v| v["type"] == "datasource" && v["query"] == "prometheus"),
         "a prometheus datasource variable"
     );
     let panels = dash["panels"].as_array().expect("panels");
@@ -289,10 +261,7 @@ fn dashboard_parses_and_names_exported_metrics() {
     // Variable queries: label_values(metric, label) names a metric too.
     for v in vars {
         if let Some(q) = v["query"]["query"].as_str().or(v["definition"].as_str()) {
-            if let Some(inner) = q
-                .strip_prefix("label_values(")
-                .and_then(|s| s.strip_suffix(')'))
-            {
+            if let Some(inner) = q.strip_prefix("label_values(").and_then(|s| s.strip_suffix(')')) {
                 let metric = inner.rsplit_once(',').map_or(inner, |(m, _)| m).trim();
                 exprs.push(metric.to_string());
             }
@@ -301,23 +270,13 @@ fn dashboard_parses_and_names_exported_metrics() {
     for p in panels.iter().filter(|p| p["type"] != "row") {
         let title = p["title"].as_str().unwrap_or("?");
         let targets = p["targets"].as_array();
-        assert!(
-            targets.is_some_and(|t| !t.is_empty()),
-            "panel {title:?} has no targets"
-        );
+        assert!(targets.is_some_and(|t| !t.is_empty()), "panel {title:?} has no targets");
         for t in targets.into_iter().flatten() {
             let ds = t["datasource"]["uid"].as_str();
-            assert_eq!(
-                ds,
-                Some("${datasource}"),
-                "panel {title:?} uses the datasource variable"
-            );
+            assert_eq!(ds, Some("${datasource}"), "panel {title:?} uses the datasource variable");
         }
     }
-    assert!(
-        panels.iter().any(|p| p["type"] == "heatmap"),
-        "a latency heatmap"
-    );
+    assert!(panels.iter().any(|p| p["type"] == "heatmap"), "a latency heatmap");
     for metric in [
         "db_query_duration_seconds_bucket",
         "db_query_duration_seconds_count",
@@ -331,19 +290,12 @@ fn dashboard_parses_and_names_exported_metrics() {
         "db_replication_lag_seconds",
         "pgrelay_leader_changes_total",
     ] {
-        assert!(
-            exprs
-                .iter()
-                .any(|e| metric_names(e).iter().any(|n| n == metric)),
-            "dashboard shows no {metric}"
-        );
+        assert!(exprs.iter().any(|e| metric_names(e).iter().any(|n| n == metric)), "dashboard shows no {metric}");
     }
     for q in ["0.5", "0.95", "0.99"] {
         assert!(
-            exprs
-                .iter()
-                .any(|e| e.starts_with(&format!("histogram_quantile({q},"))
-                    && e.contains("db_query_duration_seconds_bucket")),
+            exprs.iter().any(|e| e.starts_with(&format!("histogram_quantile({q},"))
+                && e.contains("db_query_duration_seconds_bucket")),
             "no p{q} latency line"
         );
     }

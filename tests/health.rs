@@ -32,12 +32,8 @@ fn shared_for(pg: &Pg) -> (tempfile::TempDir, Arc<Shared>) {
 
 fn start(shared: &Arc<Shared>) -> (Arc<HealthMonitor>, tokio::task::JoinHandle<()>) {
     let monitor = HealthMonitor::new();
-    let task = tokio::spawn(health::run(
-        shared.clone(),
-        monitor.clone(),
-        Duration::from_millis(200),
-        "postgres".into(),
-    ));
+    let task =
+        tokio::spawn(health::run(shared.clone(), monitor.clone(), Duration::from_millis(200), "postgres".into()));
     (monitor, task)
 }
 
@@ -53,10 +49,7 @@ async fn snapshot_after(
             if s.at > after && ok(&s) {
                 return s;
             }
-            assert!(
-                Instant::now() < deadline,
-                "no matching health snapshot in 30 s; last: {s:#?}"
-            );
+            assert!(Instant::now() < deadline, "no matching health snapshot in 30 s; last: {s:#?}");
         }
         assert!(Instant::now() < deadline, "no health snapshot in 30 s");
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -65,13 +58,7 @@ async fn snapshot_after(
 
 /// psql's unaligned output row split into fields.
 fn fields(row: &str) -> Vec<i64> {
-    row.split('|')
-        .map(|f| {
-            f.trim()
-                .parse()
-                .unwrap_or_else(|_| panic!("number in {row:?}"))
-        })
-        .collect()
+    row.split('|').map(|f| f.trim().parse().unwrap_or_else(|_| panic!("number in {row:?}"))).collect()
 }
 
 /// psql directly against `pg`, without stalling the runtime the collector runs on.
@@ -86,16 +73,8 @@ async fn numbers_match_pg_stat_views() {
     let (monitor, task) = start(&shared);
 
     // A sort that spills (temp file), then a warm-up so the hit ratio is dominated by cached reads.
-    psql(
-        &pg,
-        "CREATE TABLE t AS SELECT g AS id, md5(g::text) AS v FROM generate_series(1, 20000) g",
-    )
-    .await;
-    psql(
-        &pg,
-        "SET work_mem = '64kB'; SELECT count(*) FROM (SELECT v FROM t ORDER BY v) s",
-    )
-    .await;
+    psql(&pg, "CREATE TABLE t AS SELECT g AS id, md5(g::text) AS v FROM generate_series(1, 20000) g").await;
+    psql(&pg, "SET work_mem = '64kB'; SELECT count(*) FROM (SELECT v FROM t ORDER BY v) s").await;
     for _ in 0..10 {
         psql(&pg, "SELECT count(*) FROM t WHERE v LIKE 'a%'").await;
     }
@@ -103,13 +82,8 @@ async fn numbers_match_pg_stat_views() {
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     let max_connections: i64 = psql(&pg, "SHOW max_connections").await.parse().unwrap();
-    let backends: i64 = psql(
-        &pg,
-        "SELECT sum(numbackends) FROM pg_stat_database WHERE datid <> 0",
-    )
-    .await
-    .parse()
-    .unwrap();
+    let backends: i64 =
+        psql(&pg, "SELECT sum(numbackends) FROM pg_stat_database WHERE datid <> 0").await.parse().unwrap();
     let direct = fields(
         &psql(
             &pg,
@@ -120,22 +94,12 @@ async fn numbers_match_pg_stat_views() {
     );
     let read_at = SystemTime::now();
     let (hit, read) = (direct[0], direct[1]);
-    assert!(
-        direct[5] >= 1,
-        "the spilling sort made a temp file: {direct:?}"
-    );
+    assert!(direct[5] >= 1, "the spilling sort made a temp file: {direct:?}");
 
     let s = snapshot_after(&monitor, read_at, |s| s.error.is_none()).await;
     assert_eq!(s.max_connections, max_connections);
-    assert_eq!(
-        s.max_connections, 300,
-        "the harness sets max_connections = 300"
-    );
-    assert!(
-        (s.connections - backends).abs() <= 2,
-        "connections {} vs sum(numbackends) {backends}",
-        s.connections
-    );
+    assert_eq!(s.max_connections, 300, "the harness sets max_connections = 300");
+    assert!((s.connections - backends).abs() <= 2, "connections {} vs sum(numbackends) {backends}", s.connections);
     let util = 100.0 * s.connections as f64 / s.max_connections as f64;
     assert!((s.connection_utilization_percent - util).abs() < 1e-9);
     let direct_ratio = 100.0 * hit as f64 / (hit + read) as f64;
@@ -172,11 +136,7 @@ async fn numbers_match_pg_stat_views() {
         new_temp_files: 0,
     });
     assert_eq!(s.warnings, warnings);
-    assert!(
-        s.score <= score && s.score >= score - 15.0,
-        "{} vs {score}",
-        s.score
-    );
+    assert!(s.score <= score && s.score >= score - 15.0, "{} vs {score}", s.score);
 
     // A workload between two samples shows up as transactions per second.
     let before = SystemTime::now();
@@ -188,11 +148,7 @@ async fn numbers_match_pg_stat_views() {
 
     // One dedicated connection, reused across samples, with its name and statement_timeout.
     tokio::time::sleep(Duration::from_millis(600)).await;
-    let sessions = psql(
-        &pg,
-        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pgrelay-health'",
-    )
-    .await;
+    let sessions = psql(&pg, "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pgrelay-health'").await;
     assert_eq!(sessions, "1", "one collector connection");
 
     // Gauges, registered under the old monitor's names with a database label.
@@ -214,10 +170,7 @@ async fn numbers_match_pg_stat_views() {
     }
     let g = |name: &str| -> f64 {
         let prefix = format!("{name}{{database=\"{DB}\"}} ");
-        text.lines()
-            .find_map(|l| l.strip_prefix(&prefix))
-            .and_then(|v| v.parse().ok())
-            .unwrap()
+        text.lines().find_map(|l| l.strip_prefix(&prefix)).and_then(|v| v.parse().ok()).unwrap()
     };
     assert!((g("db_buffer_hit_ratio_percent") - direct_ratio).abs() <= 1.0);
     assert!(g("db_performance_score") > 0.0);
@@ -226,11 +179,7 @@ async fn numbers_match_pg_stat_views() {
     monitor.set_mean_query_ms(DB, Some(250.0));
     let t = SystemTime::now();
     let s = snapshot_after(&monitor, t, |s| s.mean_query_ms.is_some()).await;
-    let w = s
-        .warnings
-        .iter()
-        .find(|w| w.metric == "mean_query_ms")
-        .expect("a mean_query_ms warning");
+    let w = s.warnings.iter().find(|w| w.metric == "mean_query_ms").expect("a mean_query_ms warning");
     assert_eq!((w.level, w.threshold, w.value), ("warning", 100.0, 250.0));
     assert!(s.score <= 90.0, "score {}", s.score);
     let json = serde_json::to_value(monitor.snapshot()).unwrap();
@@ -239,10 +188,7 @@ async fn numbers_match_pg_stat_views() {
     assert!(json[0]["at"].as_str().is_some_and(|t| t.ends_with('Z')));
 
     shared.shutdown.cancel();
-    tokio::time::timeout(Duration::from_secs(5), task)
-        .await
-        .expect("collector stops on shutdown")
-        .unwrap();
+    tokio::time::timeout(Duration::from_secs(5), task).await.expect("collector stops on shutdown").unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -259,9 +205,7 @@ async fn reports_errors_and_reconnects_after_a_restart() {
     assert_eq!(down.score, 0.0);
     let text = shared.metrics.render();
     assert!(
-        text.lines().any(|l| l.starts_with(&format!(
-            "pgrelay_health_collector_errors_total{{database=\"{DB}\"}} "
-        ))),
+        text.lines().any(|l| l.starts_with(&format!("pgrelay_health_collector_errors_total{{database=\"{DB}\"}} "))),
         "error counter exported:\n{text}"
     );
     assert!(text.contains(&format!("db_performance_score{{database=\"{DB}\"}} 0")));
@@ -273,10 +217,7 @@ async fn reports_errors_and_reconnects_after_a_restart() {
     assert!(up.score > 0.0);
 
     shared.shutdown.cancel();
-    tokio::time::timeout(Duration::from_secs(5), task)
-        .await
-        .expect("collector stops on shutdown")
-        .unwrap();
+    tokio::time::timeout(Duration::from_secs(5), task).await.expect("collector stops on shutdown").unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -290,42 +231,20 @@ async fn replicas_from_pg_stat_replication() {
     let mut child = Command::new("pg_receivewal")
         .arg("-D")
         .arg(wal.path())
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &pg.port.to_string(),
-            "-U",
-            "postgres",
-            "-w",
-        ])
+        .args(["-h", "127.0.0.1", "-p", &pg.port.to_string(), "-U", "postgres", "-w"])
         .env("PGPASSWORD", PASSWORD)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .expect("pg_receivewal (postgresql-client)");
-    let s = snapshot_after(&monitor, SystemTime::UNIX_EPOCH, |s| {
-        s.replication.iter().any(|r| r.state == "streaming")
-    })
-    .await;
-    let direct = psql(
-        &pg,
-        "SELECT application_name, host(client_addr), sync_state FROM pg_stat_replication",
-    )
-    .await;
+    let s = snapshot_after(&monitor, SystemTime::UNIX_EPOCH, |s| s.replication.iter().any(|r| r.state == "streaming"))
+        .await;
+    let direct = psql(&pg, "SELECT application_name, host(client_addr), sync_state FROM pg_stat_replication").await;
     let _ = child.kill();
     let _ = child.wait();
     let r = &s.replication[0];
     assert_eq!(s.replication.len(), 1, "{:?}", s.replication);
-    assert_eq!(
-        format!(
-            "{}|{}|{}",
-            r.application_name,
-            r.client_addr.as_deref().unwrap_or(""),
-            r.sync_state
-        ),
-        direct
-    );
+    assert_eq!(format!("{}|{}|{}", r.application_name, r.client_addr.as_deref().unwrap_or(""), r.sync_state), direct);
     assert_eq!(r.application_name, "pg_receivewal");
     assert!(r.lag_bytes >= 0.0 && r.lag_bytes.is_finite());
     assert!(r.lag_seconds >= 0.0 && r.lag_seconds.is_finite());
@@ -351,8 +270,7 @@ fn pg_cmd(bin: &str) -> Command {
     // SAFETY: geteuid has no preconditions.
     if unsafe { geteuid() } == 0 {
         let mut c = Command::new("setpriv");
-        c.args(["--reuid=postgres", "--regid=postgres", "--init-groups"])
-            .arg(path);
+        c.args(["--reuid=postgres", "--regid=postgres", "--init-groups"]).arg(path);
         c
     } else {
         Command::new(path)
@@ -361,17 +279,10 @@ fn pg_cmd(bin: &str) -> Command {
 
 impl Standby {
     fn start(primary: &Pg) -> Standby {
-        let dir = tempfile::Builder::new()
-            .prefix("pgrelay-standby-")
-            .tempdir()
-            .unwrap();
+        let dir = tempfile::Builder::new().prefix("pgrelay-standby-").tempdir().unwrap();
         // SAFETY: geteuid has no preconditions.
         if unsafe { geteuid() } == 0 {
-            let st = Command::new("chown")
-                .args(["postgres:postgres"])
-                .arg(dir.path())
-                .status()
-                .unwrap();
+            let st = Command::new("chown").args(["postgres:postgres"]).arg(dir.path()).status().unwrap();
             assert!(st.success());
         }
         let data = dir.path().join("data");
@@ -379,23 +290,11 @@ impl Standby {
             .arg("-D")
             .arg(&data)
             .args(["-h", "127.0.0.1", "-p", &primary.port.to_string()])
-            .args([
-                "-U",
-                "postgres",
-                "-R",
-                "-X",
-                "stream",
-                "--checkpoint=fast",
-                "-w",
-            ])
+            .args(["-U", "postgres", "-R", "-X", "stream", "--checkpoint=fast", "-w"])
             .env("PGPASSWORD", PASSWORD)
             .output()
             .expect("pg_basebackup");
-        assert!(
-            out.status.success(),
-            "pg_basebackup: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert!(out.status.success(), "pg_basebackup: {}", String::from_utf8_lossy(&out.stderr));
         let port = common::free_port();
         let out = pg_cmd("pg_ctl")
             .arg("-D")
@@ -444,18 +343,9 @@ async fn primary_and_standby() {
     let shared = pgrelay::app::build(Config::load(&path).unwrap(), path).unwrap();
     // The login user is not in any userlist: the entries' user/password must be used.
     let monitor = HealthMonitor::new();
-    let task = tokio::spawn(health::run(
-        shared.clone(),
-        monitor.clone(),
-        Duration::from_millis(200),
-        "nobody".into(),
-    ));
+    let task = tokio::spawn(health::run(shared.clone(), monitor.clone(), Duration::from_millis(200), "nobody".into()));
     // Write some WAL so the replica has something to replay.
-    psql(
-        &pg,
-        "CREATE TABLE w AS SELECT g FROM generate_series(1, 50000) g",
-    )
-    .await;
+    psql(&pg, "CREATE TABLE w AS SELECT g FROM generate_series(1, 50000) g").await;
     let deadline = Instant::now() + Duration::from_secs(30);
     let (p, s) = loop {
         let all = monitor.snapshot();
@@ -465,35 +355,19 @@ async fn primary_and_standby() {
                 break (p, s);
             }
         }
-        assert!(
-            Instant::now() < deadline,
-            "no primary+standby snapshots: {all:#?}"
-        );
+        assert!(Instant::now() < deadline, "no primary+standby snapshots: {all:#?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert_eq!(p.error, None);
     assert!(!p.in_recovery);
     assert_eq!(p.replication.len(), 1, "{:?}", p.replication);
     let r = &p.replication[0];
-    assert_eq!(
-        (r.sync_state.as_str(), r.client_addr.as_deref()),
-        ("async", Some("127.0.0.1"))
-    );
-    let direct = psql(
-        &pg,
-        "SELECT application_name, state FROM pg_stat_replication",
-    )
-    .await;
+    assert_eq!((r.sync_state.as_str(), r.client_addr.as_deref()), ("async", Some("127.0.0.1")));
+    let direct = psql(&pg, "SELECT application_name, state FROM pg_stat_replication").await;
     assert_eq!(format!("{}|{}", r.application_name, r.state), direct);
-    assert!(
-        r.lag_bytes >= 0.0 && r.lag_bytes < 64.0 * 1024.0 * 1024.0,
-        "{r:?}"
-    );
+    assert!(r.lag_bytes >= 0.0 && r.lag_bytes < 64.0 * 1024.0 * 1024.0, "{r:?}");
     assert!(r.lag_seconds >= 0.0 && r.lag_seconds < 10.0, "{r:?}");
-    assert_eq!(
-        (p.max_lag_bytes, p.max_lag_seconds),
-        (r.lag_bytes, r.lag_seconds)
-    );
+    assert_eq!((p.max_lag_bytes, p.max_lag_seconds), (r.lag_bytes, r.lag_seconds));
     // The standby is sampled without errors (no pg_current_wal_lsn() there) and says it is one.
     assert!(s.in_recovery);
     assert!(s.replication.is_empty());
@@ -505,11 +379,7 @@ async fn primary_and_standby() {
         if p.replication.len() == 1 && p.max_lag_bytes == 0.0 {
             break;
         }
-        assert!(
-            Instant::now() < deadline,
-            "lag never reached 0: {:?}",
-            p.replication
-        );
+        assert!(Instant::now() < deadline, "lag never reached 0: {:?}", p.replication);
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     shared.shutdown.cancel();
@@ -529,10 +399,7 @@ fn score_and_warnings_follow_the_thresholds() {
     assert_eq!(assess(&healthy), (100.0, vec![]));
 
     // 95 % utilisation: critical, and the score drops by the critical penalty.
-    let (score, w) = assess(&ScoreInputs {
-        connection_utilization_percent: 95.0,
-        ..healthy.clone()
-    });
+    let (score, w) = assess(&ScoreInputs { connection_utilization_percent: 95.0, ..healthy.clone() });
     assert_eq!(w.len(), 1);
     assert_eq!(
         (w[0].metric, w[0].level, w[0].value, w[0].threshold),
@@ -540,58 +407,33 @@ fn score_and_warnings_follow_the_thresholds() {
     );
     assert_eq!(score, 70.0);
     // 75 %: warning only; exactly 70 % is not above the threshold.
-    let (score, w) = assess(&ScoreInputs {
-        connection_utilization_percent: 75.0,
-        ..healthy.clone()
-    });
+    let (score, w) = assess(&ScoreInputs { connection_utilization_percent: 75.0, ..healthy.clone() });
     assert_eq!((w[0].level, w[0].threshold, score), ("warning", 70.0, 85.0));
-    let at_threshold = ScoreInputs {
-        connection_utilization_percent: 70.0,
-        ..healthy.clone()
-    };
+    let at_threshold = ScoreInputs { connection_utilization_percent: 70.0, ..healthy.clone() };
     assert_eq!(assess(&at_threshold), (100.0, vec![]));
 
     // Buffer hit: lower is worse.
-    let hit = |v: f64| {
-        assess(&ScoreInputs {
-            buffer_hit_ratio_percent: v,
-            ..healthy.clone()
-        })
-    };
+    let hit = |v: f64| assess(&ScoreInputs { buffer_hit_ratio_percent: v, ..healthy.clone() });
     assert_eq!(hit(85.0).0, 90.0);
     assert_eq!(hit(85.0).1[0].level, "warning");
     assert_eq!(hit(70.0).0, 75.0);
     assert_eq!(hit(70.0).1[0].level, "critical");
 
     // Replication lag in MiB: 10 warning, 100 critical.
-    let lag = |mib: f64| {
-        assess(&ScoreInputs {
-            max_lag_bytes: mib * 1024.0 * 1024.0,
-            ..healthy.clone()
-        })
-    };
+    let lag = |mib: f64| assess(&ScoreInputs { max_lag_bytes: mib * 1024.0 * 1024.0, ..healthy.clone() });
     assert!(lag(9.0).1.is_empty());
     assert_eq!(lag(50.0).1[0].level, "warning");
     assert_eq!(lag(150.0).1[0].level, "critical");
     assert_eq!(lag(150.0).0, 75.0);
 
     // Query time: 100 / 1000 ms, and ignored when unknown.
-    let q = |ms: Option<f64>| {
-        assess(&ScoreInputs {
-            mean_query_ms: ms,
-            ..healthy.clone()
-        })
-    };
+    let q = |ms: Option<f64>| assess(&ScoreInputs { mean_query_ms: ms, ..healthy.clone() });
     assert_eq!(q(Some(150.0)).0, 90.0);
     assert_eq!(q(Some(1500.0)).1[0].level, "critical");
     assert_eq!(q(None), (100.0, vec![]));
 
     // Growth of deadlocks and temp files costs points but raises no threshold warning.
-    let (score, w) = assess(&ScoreInputs {
-        new_deadlocks: 2,
-        new_temp_files: 1,
-        ..healthy.clone()
-    });
+    let (score, w) = assess(&ScoreInputs { new_deadlocks: 2, new_temp_files: 1, ..healthy.clone() });
     assert_eq!((score, w.len()), (85.0, 0));
 
     // Everything wrong at once clamps to 0; garbage inputs never panic or produce NaN.

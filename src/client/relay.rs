@@ -38,8 +38,9 @@ enum Expect {
         client: Option<String>,
     },
     Bind,
-    /// RowDescription or NoData ends it (a statement Describe sends ParameterDescription first).
-    Describe,
+    /// RowDescription or NoData ends it (a statement Describe sends ParameterDescription first, whose types are kept
+    /// for the statement).
+    Describe(Option<Arc<Prepared>>),
     /// CommandComplete, EmptyQueryResponse or PortalSuspended ends it.
     Execute,
     Close {
@@ -52,6 +53,8 @@ enum Expect {
         qtype: QueryType,
         set: Option<Box<SessionCommand>>,
         obs: Observed,
+        /// Whether anything was executed (a Parse/Describe-only round trip is not a query).
+        exec: bool,
     },
     /// An answer the proxy makes up (ParseComplete '1' or CloseComplete '3') once everything before it is answered.
     Synth(u8),
@@ -124,6 +127,8 @@ pub struct Session {
     fp_cache: HashMap<u64, u64>,
     rows: u64,
     last_error: Option<String>,
+    /// An Execute was forwarded since the last Sync.
+    group_exec: bool,
 }
 
 impl Session {
@@ -159,6 +164,7 @@ impl Session {
             fp_cache: HashMap::new(),
             rows: 0,
             last_error: None,
+            group_exec: false,
         }
     }
 
@@ -388,7 +394,14 @@ impl Session {
                     Observed::default()
                 };
                 self.out.extend_from_slice(frame);
-                self.expect.push_back(Expect::Ready { swallow: false, start: now, qtype: self.cur_qtype, set, obs });
+                self.expect.push_back(Expect::Ready {
+                    swallow: false,
+                    start: now,
+                    qtype: self.cur_qtype,
+                    set,
+                    obs,
+                    exec: true,
+                });
             }
             b'P' => {
                 self.open_extended = true;
@@ -468,14 +481,14 @@ impl Session {
                             self.expect.push_back(Expect::Bind);
                         } else {
                             prepared::statement_message(&mut self.out, b'D', &p.name);
-                            self.expect.push_back(Expect::Describe);
+                            self.expect.push_back(Expect::Describe(Some(p.clone())));
                         }
                     }
                     None => {
                         self.out.extend_from_slice(frame);
                         self.expect.push_back(match t {
                             b'B' => Expect::Bind,
-                            b'D' => Expect::Describe,
+                            b'D' => Expect::Describe(None),
                             _ => Expect::Close { swallow: false },
                         });
                     }
@@ -485,6 +498,7 @@ impl Session {
                 self.open_extended = true;
                 self.out.extend_from_slice(frame);
                 self.expect.push_back(Expect::Execute);
+                self.group_exec = true;
             }
             b'S' => {
                 self.open_extended = false;
@@ -496,6 +510,7 @@ impl Session {
                     qtype: self.cur_qtype,
                     set: None,
                     obs,
+                    exec: std::mem::take(&mut self.group_exec),
                 });
             }
             b'F' => {
@@ -506,6 +521,7 @@ impl Session {
                     qtype: QueryType::Other,
                     set: None,
                     obs: Observed::default(),
+                    exec: true,
                 });
             }
             // Flush and COPY data get no answer of their own.
@@ -626,6 +642,7 @@ impl Session {
                 qtype: QueryType::Other,
                 set: None,
                 obs: Observed::default(),
+                exec: false,
             });
             srv.applied.clear();
             srv.applied.extend(self.params.iter().cloned());
@@ -779,10 +796,12 @@ impl Session {
                     // Everything up to the Ready is answered by now.
                     loop {
                         match self.expect.pop_front() {
-                            Some(Expect::Ready { swallow, start, qtype, set, obs }) => {
+                            Some(Expect::Ready { swallow, start, qtype, set, obs, exec }) => {
                                 forward = !swallow;
                                 if !swallow {
                                     saw_ready = true;
+                                }
+                                if !swallow && exec {
                                     let now = *now.get_or_insert_with(Instant::now);
                                     let d = now.saturating_duration_since(start);
                                     self.pool.metrics.record_query(qtype, d);
@@ -853,7 +872,15 @@ impl Session {
                         self.expect.pop_front();
                     }
                 }
-                b'T' | b'n' => self.pop_if(|e| matches!(e, Expect::Describe)),
+                b'T' | b'n' => self.pop_if(|e| matches!(e, Expect::Describe(_))),
+                b't' => {
+                    if let Some(Expect::Describe(Some(p))) = self.expect.front() {
+                        if p.described_types.get().is_none() {
+                            let mut r = &srv.rbuf[5..len];
+                            let _ = p.described_types.set(crate::observe::parse_param_types(&mut r));
+                        }
+                    }
+                }
                 b'C' | b'I' | b's' => {
                     if t == b'C' {
                         self.rows += crate::observe::tag_rows(&srv.rbuf[5..len]);
@@ -1004,17 +1031,26 @@ impl Session {
         }
         self.pool.metrics.slow_queries.increment(1);
         let redacted = self.observer.redact();
-        let (params, param_formats) = match (obs.bind != 0).then(|| &self.binds[obs.bind as usize % RING]) {
-            Some((seq, body)) if *seq == obs.bind && !redacted => crate::observe::bind_params(body),
-            _ => (Vec::new(), Vec::new()),
-        };
-        let param_types = match (&obs.prepared, text_slot) {
+        let mut param_types = match (&obs.prepared, text_slot) {
             (Some(p), _) => {
                 let off = 5 + p.name.len() + 1 + p.query.len() + 1;
                 crate::observe::parse_param_types(p.parse.get(off..).unwrap_or(&[]))
             }
             (None, Some(slot)) => crate::observe::parse_param_types(&slot.types),
             _ => Vec::new(),
+        };
+        // Types the client left unspecified (0) are the ones the server worked out when the statement was described.
+        if let Some(described) = obs.prepared.as_ref().and_then(|p| p.described_types.get()) {
+            param_types.resize(described.len().max(param_types.len()), 0);
+            for (t, d) in param_types.iter_mut().zip(described) {
+                if *t == 0 {
+                    *t = *d;
+                }
+            }
+        }
+        let (params, param_formats) = match (obs.bind != 0).then(|| &self.binds[obs.bind as usize % RING]) {
+            Some((seq, body)) if *seq == obs.bind && !redacted => crate::observe::bind_params(body, &param_types),
+            _ => (Vec::new(), Vec::new()),
         };
         let mut normalized = String::new();
         crate::observe::fingerprint::normalize(text, &mut normalized);

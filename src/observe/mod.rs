@@ -183,9 +183,10 @@ impl Observer {
     }
 }
 
-/// Decodes a Bind body's parameters for display: text values as they are, binary ones as `\x` hex.
+/// Decodes a Bind body's parameters for display: text values as they are, binary ones decoded by type OID when the
+/// type is a common scalar (`types`, from the Parse or the server's ParameterDescription), else as `\x` hex.
 /// Returns (values, formats).
-pub fn bind_params(body: &[u8]) -> (Vec<Option<String>>, Vec<i16>) {
+pub fn bind_params(body: &[u8], types: &[u32]) -> (Vec<Option<String>>, Vec<i16>) {
     use crate::protocol::{take_cstr, take_i16, take_i32};
     let mut r = body;
     let mut values = Vec::new();
@@ -220,6 +221,8 @@ pub fn bind_params(body: &[u8]) -> (Vec<Option<String>>, Vec<i16>) {
         r = &r[len..];
         values.push(Some(if fmt == 0 {
             String::from_utf8_lossy(v).into_owned()
+        } else if let Some(d) = decode_binary(types.get(i).copied().unwrap_or(0), v) {
+            d
         } else {
             let mut s = String::with_capacity(2 + 2 * v.len());
             s.push_str("\\x");
@@ -292,4 +295,24 @@ pub(crate) mod alloc_count {
         let r = f();
         (COUNT.with(|c| c.get()) - before, r)
     }
+}
+
+/// Text form of a binary value of a common scalar type.
+fn decode_binary(oid: u32, v: &[u8]) -> Option<String> {
+    let arr = |n: usize| -> Option<&[u8]> { (v.len() == n).then_some(v) };
+    Some(match oid {
+        16 => (arr(1)?[0] != 0).to_string(),
+        21 => i16::from_be_bytes(arr(2)?.try_into().ok()?).to_string(),
+        23 | 26 => i32::from_be_bytes(arr(4)?.try_into().ok()?).to_string(),
+        20 => i64::from_be_bytes(arr(8)?.try_into().ok()?).to_string(),
+        700 => f32::from_be_bytes(arr(4)?.try_into().ok()?).to_string(),
+        701 => f64::from_be_bytes(arr(8)?.try_into().ok()?).to_string(),
+        25 | 1043 | 1042 | 19 => std::str::from_utf8(v).ok()?.to_string(),
+        2950 => {
+            let b = arr(16)?;
+            let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
+            format!("{}-{}-{}-{}-{}", &h[..8], &h[8..12], &h[12..16], &h[16..20], &h[20..])
+        }
+        _ => return None,
+    })
 }
