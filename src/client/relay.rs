@@ -876,8 +876,7 @@ impl Session {
                 b't' => {
                     if let Some(Expect::Describe(Some(p))) = self.expect.front() {
                         if p.described_types.get().is_none() {
-                            let mut r = &srv.rbuf[5..len];
-                            let _ = p.described_types.set(crate::observe::parse_param_types(&mut r));
+                            let _ = p.described_types.set(crate::observe::parse_param_types(&srv.rbuf[5..len]));
                         }
                     }
                 }

@@ -257,6 +257,26 @@ pub fn tag_rows(body: &[u8]) -> u64 {
     std::str::from_utf8(&tag[start..]).ok().and_then(|n| n.parse().ok()).unwrap_or(0)
 }
 
+/// Text form of a binary value of a common scalar type.
+fn decode_binary(oid: u32, v: &[u8]) -> Option<String> {
+    let arr = |n: usize| -> Option<&[u8]> { (v.len() == n).then_some(v) };
+    Some(match oid {
+        16 => (arr(1)?[0] != 0).to_string(),
+        21 => i16::from_be_bytes(arr(2)?.try_into().ok()?).to_string(),
+        23 | 26 => i32::from_be_bytes(arr(4)?.try_into().ok()?).to_string(),
+        20 => i64::from_be_bytes(arr(8)?.try_into().ok()?).to_string(),
+        700 => f32::from_be_bytes(arr(4)?.try_into().ok()?).to_string(),
+        701 => f64::from_be_bytes(arr(8)?.try_into().ok()?).to_string(),
+        25 | 1043 | 1042 | 19 => std::str::from_utf8(v).ok()?.to_string(),
+        2950 => {
+            let b = arr(16)?;
+            let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
+            format!("{}-{}-{}-{}-{}", &h[..8], &h[8..12], &h[12..16], &h[16..20], &h[20..])
+        }
+        _ => return None,
+    })
+}
+
 /// Counts heap allocations made by the current thread, so tests can prove hot paths are
 /// allocation-free rather than just claim it.
 #[cfg(test)]
@@ -295,24 +315,4 @@ pub(crate) mod alloc_count {
         let r = f();
         (COUNT.with(|c| c.get()) - before, r)
     }
-}
-
-/// Text form of a binary value of a common scalar type.
-fn decode_binary(oid: u32, v: &[u8]) -> Option<String> {
-    let arr = |n: usize| -> Option<&[u8]> { (v.len() == n).then_some(v) };
-    Some(match oid {
-        16 => (arr(1)?[0] != 0).to_string(),
-        21 => i16::from_be_bytes(arr(2)?.try_into().ok()?).to_string(),
-        23 | 26 => i32::from_be_bytes(arr(4)?.try_into().ok()?).to_string(),
-        20 => i64::from_be_bytes(arr(8)?.try_into().ok()?).to_string(),
-        700 => f32::from_be_bytes(arr(4)?.try_into().ok()?).to_string(),
-        701 => f64::from_be_bytes(arr(8)?.try_into().ok()?).to_string(),
-        25 | 1043 | 1042 | 19 => std::str::from_utf8(v).ok()?.to_string(),
-        2950 => {
-            let b = arr(16)?;
-            let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
-            format!("{}-{}-{}-{}-{}", &h[..8], &h[8..12], &h[12..16], &h[16..20], &h[20..])
-        }
-        _ => return None,
-    })
 }
