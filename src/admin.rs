@@ -595,6 +595,7 @@ fn show_queries(shared: &Shared) -> Rows {
                 s(q.rows),
                 s(q.errors),
                 s(q.query),
+                advice.get(&q.fingerprint).cloned(),
             ]
         })
         .collect();

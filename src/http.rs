@@ -25,7 +25,7 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener) {
         };
         let shared = shared.clone();
         tokio::spawn(async move {
-            if let Err(e) = tokio::time::timeout(Duration::from_secs(10), handle(shared, sock)).await {
+            if let Err(e) = tokio::time::timeout(Duration::from_secs(120), handle(shared, sock)).await {
                 debug!(error = %e, "http request timed out");
             }
         });

@@ -10,6 +10,7 @@
 //! - [`config`], [`error`], [`observe`]: leaves anyone may use.
 
 pub mod admin;
+pub mod advisor;
 pub mod app;
 pub mod auth;
 pub mod client;

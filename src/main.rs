@@ -26,6 +26,18 @@ enum Cmd {
         #[arg(long)]
         against: Option<PathBuf>,
     },
+    /// Explain captured slow queries and recommend indexes (checked with HypoPG when available).
+    Advise {
+        /// A slow-query JSON-lines file (`[slow_query] log`) instead of asking the running pgrelay.
+        #[arg(long, requires = "database_url")]
+        slow_log: Option<PathBuf>,
+        /// Database to explain against, with --slow-log: postgres://user:pass@host:port/db or key=value pairs.
+        #[arg(long)]
+        database_url: Option<String>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -40,6 +52,7 @@ fn main() -> ExitCode {
     match cli.cmd.unwrap_or(Cmd::Run) {
         Cmd::Check { against } => check(&cli.config, against.as_deref()),
         Cmd::Run => run(&cli.config),
+        Cmd::Advise { slow_log, database_url, json } => advise(&cli.config, slow_log, database_url, json),
     }
 }
 
@@ -108,6 +121,36 @@ fn run(path: &std::path::Path) -> ExitCode {
     });
     match r {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn advise(config: &std::path::Path, slow_log: Option<PathBuf>, url: Option<String>, json: bool) -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let report = rt.block_on(async {
+        match (slow_log, url) {
+            (Some(log), Some(url)) => pgrelay::advisor::run::from_files(&log, &url).await,
+            _ => pgrelay::advisor::run::from_config(config).await,
+        }
+    });
+    match report {
+        Ok(r) if json => {
+            println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
+            ExitCode::SUCCESS
+        }
+        Ok(r) => {
+            print!("{}", pgrelay::advisor::render(&r));
+            ExitCode::SUCCESS
+        }
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::from(1)

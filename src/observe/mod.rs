@@ -143,6 +143,8 @@ pub struct Observer {
     threshold_us: AtomicU64,
     redact: AtomicBool,
     enabled: AtomicBool,
+    /// Fingerprint → the index the advisor last recommended for it (for SHOW QUERIES).
+    pub advice: parking_lot::Mutex<std::collections::HashMap<u64, String>>,
 }
 
 impl Observer {
@@ -154,6 +156,7 @@ impl Observer {
             threshold_us: AtomicU64::new(0),
             redact: AtomicBool::new(false),
             enabled: AtomicBool::new(true),
+            advice: Default::default(),
         };
         o.configure(cfg);
         o

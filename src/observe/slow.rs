@@ -6,12 +6,12 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use parking_lot::Mutex;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 /// One captured slow query.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct SlowQuery {
     /// Seconds since the Unix epoch, with microseconds.
     pub time: f64,
@@ -20,7 +20,7 @@ pub struct SlowQuery {
     pub user: String,
     pub client_addr: String,
     pub application_name: String,
-    #[serde(serialize_with = "hex64")]
+    #[serde(serialize_with = "hex64", deserialize_with = "unhex64")]
     pub fingerprint: u64,
     pub normalized: String,
     pub query: String,
@@ -29,6 +29,7 @@ pub struct SlowQuery {
     /// Parameter type OIDs from the Parse (0 = unspecified), and the format of each value (0 text, 1 binary).
     pub param_types: Vec<u32>,
     pub param_formats: Vec<i16>,
+    #[serde(default)]
     pub redacted: bool,
     pub rows: u64,
     pub error: Option<String>,
@@ -37,6 +38,11 @@ pub struct SlowQuery {
 
 fn hex64<S: serde::Serializer>(v: &u64, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(&format!("{v:016x}"))
+}
+
+fn unhex64<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    let s = String::deserialize(d)?;
+    u64::from_str_radix(&s, 16).map_err(serde::de::Error::custom)
 }
 
 /// The ring and the writer's channel.
