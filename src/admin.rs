@@ -575,7 +575,9 @@ fn show_queries(shared: &Shared) -> Rows {
         "rows",
         "errors",
         "query",
+        "advice",
     ];
+    let advice = shared.observer.advice.lock().clone();
     let rows = shared
         .observer
         .stats

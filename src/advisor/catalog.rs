@@ -49,7 +49,8 @@ pub async fn load(conn: &mut ServerConn, table: &str) -> Result<TableInfo> {
     let t = quote_literal(table);
     let mut info = TableInfo::default();
     let rows = conn.query_column(&format!("SELECT reltuples FROM pg_class WHERE oid = to_regclass({t})")).await?;
-    info.reltuples = rows.first().and_then(|r| r.first()).cloned().flatten().and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    info.reltuples =
+        rows.first().and_then(|r| r.first()).cloned().flatten().and_then(|v| v.parse().ok()).unwrap_or(0.0);
     let rows = conn
         .query_column(&format!(
             "SELECT array_to_string(array(SELECT a.attname FROM unnest(i.indkey) WITH ORDINALITY k(attnum, ord) \
@@ -73,7 +74,11 @@ pub async fn load(conn: &mut ServerConn, table: &str) -> Result<TableInfo> {
         let (Some(Some(name)), Some(nd)) = (it.next(), it.next()) else { continue };
         let n_distinct = nd.and_then(|v| v.parse().ok()).unwrap_or(0.0);
         let mcv = it.next().flatten().map(|v| parse_array(&v)).unwrap_or_default();
-        let mcf = it.next().flatten().map(|v| parse_array(&v).iter().filter_map(|x| x.parse().ok()).collect()).unwrap_or_default();
+        let mcf = it
+            .next()
+            .flatten()
+            .map(|v| parse_array(&v).iter().filter_map(|x| x.parse().ok()).collect())
+            .unwrap_or_default();
         info.columns.insert(name, ColumnStats { n_distinct, mcv, mcf });
     }
     Ok(info)
@@ -115,7 +120,11 @@ mod tests {
         let mut t = TableInfo { reltuples: 100_000.0, ..Default::default() };
         t.columns.insert(
             "status".into(),
-            ColumnStats { n_distinct: 3.0, mcv: vec!["filled".into(), "cancelled".into(), "open".into()], mcf: vec![0.9, 0.08, 0.02] },
+            ColumnStats {
+                n_distinct: 3.0,
+                mcv: vec!["filled".into(), "cancelled".into(), "open".into()],
+                mcf: vec![0.9, 0.08, 0.02],
+            },
         );
         t.columns.insert("customer_id".into(), ColumnStats { n_distinct: -0.2, mcv: vec![], mcf: vec![] });
         assert!((t.selectivity("status", Some("filled")) - 0.9).abs() < 1e-9);

@@ -186,10 +186,11 @@ impl Candidate {
             .iter()
             .map(|(c, desc)| format!("{}{}", crate::protocol::quote_ident(c), if *desc { " DESC" } else { "" }))
             .collect();
-        let name: String = format!("idx_{}_{}", self.table, self.columns.iter().map(|c| c.0.as_str()).collect::<Vec<_>>().join("_"))
-            .chars()
-            .take(63)
-            .collect();
+        let name: String =
+            format!("idx_{}_{}", self.table, self.columns.iter().map(|c| c.0.as_str()).collect::<Vec<_>>().join("_"))
+                .chars()
+                .take(63)
+                .collect();
         format!(
             "CREATE INDEX {}{} ON {} ({})",
             if concurrently { "CONCURRENTLY " } else { "" },
@@ -264,7 +265,8 @@ pub async fn advise(groups: Vec<Group>, dbs: &mut HashMap<String, Db>) -> Report
     // Consolidate: an index whose columns lead another recommendation on the same table is served by that one.
     let all = recs.clone();
     recs.retain(|r| {
-        !all.iter().any(|o| o.table == r.table && o.columns.len() > r.columns.len() && o.columns.starts_with(&r.columns))
+        !all.iter()
+            .any(|o| o.table == r.table && o.columns.len() > r.columns.len() && o.columns.starts_with(&r.columns))
     });
     recs.sort_by(|a, b| b.benefit.total_cmp(&a.benefit));
     report.recommendations = recs;
@@ -329,7 +331,10 @@ async fn advise_one(db: &mut Db, g: &Group, mean_ms: f64, qa: &mut QueryAdvice) 
                     ))
                     .await?;
                 let (oid, name) = match row.first() {
-                    Some(r) => (r.first().cloned().flatten().unwrap_or_default(), r.get(1).cloned().flatten().unwrap_or_default()),
+                    Some(r) => (
+                        r.first().cloned().flatten().unwrap_or_default(),
+                        r.get(1).cloned().flatten().unwrap_or_default(),
+                    ),
                     None => continue,
                 };
                 let after = db.explain(&stmt, false).await;
@@ -372,7 +377,8 @@ fn candidate(site: &plan::ScanSite, t: &TableInfo) -> Option<Candidate> {
     }
     eq.sort_by(|a, b| a.1.total_cmp(&b.1));
     let mut cols: Vec<(String, bool)> = eq.into_iter().map(|(c, _)| (c, false)).collect();
-    if let Some(r) = site.predicates.iter().find(|p| p.kind == PredKind::Range && !cols.iter().any(|c| c.0 == p.column)) {
+    if let Some(r) = site.predicates.iter().find(|p| p.kind == PredKind::Range && !cols.iter().any(|c| c.0 == p.column))
+    {
         cols.push((r.column.clone(), false));
     }
     for (c, desc) in &site.order_by {
@@ -427,7 +433,8 @@ pub fn render(report: &Report) -> String {
             }
         }
     }
-    let flagged: Vec<&QueryAdvice> = report.queries.iter().filter(|q| !q.red_flags.is_empty() || q.note.is_some()).collect();
+    let flagged: Vec<&QueryAdvice> =
+        report.queries.iter().filter(|q| !q.red_flags.is_empty() || q.note.is_some()).collect();
     if !flagged.is_empty() {
         let _ = writeln!(out, "\nPlan findings:");
         for q in flagged {

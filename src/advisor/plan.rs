@@ -109,7 +109,9 @@ pub fn red_flags(explain: &Value, reltuples: &dyn Fn(&str) -> f64) -> Vec<RedFla
                 flags.push(RedFlag {
                     kind: "per_row_scan",
                     node: name.clone(),
-                    detail: format!("a full scan of {rel} repeated {loops:.0} times: an index on the join column avoids it"),
+                    detail: format!(
+                        "a full scan of {rel} repeated {loops:.0} times: an index on the join column avoids it"
+                    ),
                 });
             }
         }
@@ -138,7 +140,11 @@ pub fn red_flags(explain: &Value, reltuples: &dyn Fn(&str) -> f64) -> Vec<RedFla
         if n.get("Sort Space Type").and_then(Value::as_str) == Some("Disk")
             || n.get("Sort Method").and_then(Value::as_str).is_some_and(|m| m.contains("external"))
         {
-            flags.push(RedFlag { kind: "sort_spill", node: name.clone(), detail: "sort spilled to disk (work_mem too small)".into() });
+            flags.push(RedFlag {
+                kind: "sort_spill",
+                node: name.clone(),
+                detail: "sort spilled to disk (work_mem too small)".into(),
+            });
         }
         if num(n, "Hash Batches").unwrap_or(1.0) > 1.0 {
             flags.push(RedFlag {
@@ -160,7 +166,10 @@ pub fn red_flags(explain: &Value, reltuples: &dyn Fn(&str) -> f64) -> Vec<RedFla
                     flags.push(RedFlag {
                         kind: "sort_after_scan",
                         node: name.clone(),
-                        detail: format!("sorts the output of {}: an index in that order can return rows pre-sorted", node_name(c)),
+                        detail: format!(
+                            "sorts the output of {}: an index in that order can return rows pre-sorted",
+                            node_name(c)
+                        ),
                     });
                 }
             }
@@ -261,7 +270,10 @@ fn comparison(c: &str) -> Option<Predicate> {
 
 fn is_constant(s: &str) -> bool {
     let s = strip_parens(s.trim());
-    s.starts_with('\'') || s.starts_with('$') || s.starts_with(|c: char| c.is_ascii_digit() || c == '-') || s.starts_with("ARRAY")
+    s.starts_with('\'')
+        || s.starts_with('$')
+        || s.starts_with(|c: char| c.is_ascii_digit() || c == '-')
+        || s.starts_with("ARRAY")
 }
 
 fn constant_text(s: &str) -> Option<String> {
@@ -281,7 +293,10 @@ fn column_name(s: &str) -> Option<String> {
     }
     let s = s.rsplit('.').next()?;
     let s = s.trim_matches('"');
-    if s.is_empty() || !s.chars().all(|c| c.is_alphanumeric() || c == '_') || s.starts_with(|c: char| c.is_ascii_digit()) {
+    if s.is_empty()
+        || !s.chars().all(|c| c.is_alphanumeric() || c == '_')
+        || s.starts_with(|c: char| c.is_ascii_digit())
+    {
         return None;
     }
     Some(s.to_string())

@@ -14,8 +14,10 @@ use crate::server::{Login, ServerConn, Target};
 
 /// `pgrelay advise --slow-log FILE --database-url URL`.
 pub async fn from_files(slow_log: &Path, url: &str) -> Result<Report> {
-    let text = std::fs::read_to_string(slow_log).map_err(|e| Error::Internal(format!("{}: {e}", slow_log.display())))?;
-    let samples: Vec<SlowQuery> = text.lines().filter(|l| !l.trim().is_empty()).filter_map(|l| serde_json::from_str(l).ok()).collect();
+    let text =
+        std::fs::read_to_string(slow_log).map_err(|e| Error::Internal(format!("{}: {e}", slow_log.display())))?;
+    let samples: Vec<SlowQuery> =
+        text.lines().filter(|l| !l.trim().is_empty()).filter_map(|l| serde_json::from_str(l).ok()).collect();
     let (target, login) = parse_url(url)?;
     // One URL serves every database named in the log.
     let mut groups = group(samples, &HashMap::new());
@@ -32,7 +34,9 @@ pub async fn from_config(path: &Path) -> Result<Report> {
     let cfg = Config::load(path).map_err(|e| Error::Internal(e.to_string()))?;
     let userlist = crate::state::load_userlist(&cfg).map_err(Error::Internal)?;
     if cfg.metrics.listen.is_empty() {
-        return Err(Error::Internal("metrics.listen is empty: the advisor reads the slow queries from pgrelay's HTTP API".into()));
+        return Err(Error::Internal(
+            "metrics.listen is empty: the advisor reads the slow queries from pgrelay's HTTP API".into(),
+        ));
     }
     let base = format!("http://{}", cfg.metrics.listen.replace("0.0.0.0", "127.0.0.1"));
     let get = |p: &'static str| {
@@ -61,7 +65,12 @@ pub async fn from_config(path: &Path) -> Result<Report> {
         let Some(host) = dbc.host.clone() else { continue };
         let user = dbc.user.clone().unwrap_or_else(|| g.samples[0].user.clone());
         let secret = dbc.password.as_deref().map(Secret::parse).or_else(|| userlist.get(&user).cloned());
-        let login = Login { user, database: dbc.dbname.clone().unwrap_or_else(|| g.database.clone()), secret, scram_keys: None };
+        let login = Login {
+            user,
+            database: dbc.dbname.clone().unwrap_or_else(|| g.database.clone()),
+            secret,
+            scram_keys: None,
+        };
         let target = Target { host, port: dbc.port.unwrap_or(5432) };
         let conn = ServerConn::connect(Arc::new(target), &login, &cfg.proxy, 0).await?;
         dbs.insert(g.database.clone(), Db::new(conn).await?);
@@ -72,8 +81,13 @@ pub async fn from_config(path: &Path) -> Result<Report> {
 /// This process's captured slow queries (for `GET /api/advice`), logging in like its pools do.
 pub async fn in_process(shared: &crate::state::Shared) -> Result<Report> {
     let samples = shared.observer.slow.recent(usize::MAX);
-    let stats: HashMap<u64, (u64, f64)> =
-        shared.observer.stats.snapshot().into_iter().map(|q| (q.fingerprint, (q.calls, q.total_us as f64 / 1000.0))).collect();
+    let stats: HashMap<u64, (u64, f64)> = shared
+        .observer
+        .stats
+        .snapshot()
+        .into_iter()
+        .map(|q| (q.fingerprint, (q.calls, q.total_us as f64 / 1000.0)))
+        .collect();
     let groups = group(samples, &stats);
     let cfg = shared.config.load_full();
     let mut dbs = HashMap::new();
