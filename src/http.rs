@@ -47,8 +47,16 @@ async fn handle(shared: Arc<Shared>, mut sock: TcpStream) -> std::io::Result<()>
     let method = parts.next().unwrap_or("");
     let path = parts.next().unwrap_or("/");
     let path = path.split('?').next().unwrap_or(path);
-    let (status, ctype, body) =
-        if method != "GET" { (405, "text/plain", "method not allowed\n".to_string()) } else { route(&shared, path) };
+    let (status, ctype, body) = if method != "GET" {
+        (405, "text/plain", "method not allowed\n".to_string())
+    } else if path == "/api/advice" {
+        match crate::advisor::run::in_process(&shared).await {
+            Ok(r) => json(&r),
+            Err(e) => (500, "text/plain", format!("{e}\n")),
+        }
+    } else {
+        route(&shared, path)
+    };
     let reason = match status {
         200 => "OK",
         404 => "Not Found",
