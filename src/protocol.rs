@@ -183,6 +183,8 @@ pub mod sqlstate {
     pub const IDLE_IN_TRANSACTION_TIMEOUT: &str = "25P03";
     pub const IDLE_SESSION_TIMEOUT: &str = "57P05";
     pub const SYNTAX_ERROR: &str = "42601";
+    pub const DUPLICATE_PREPARED_STATEMENT: &str = "42P05";
+    pub const UNDEFINED_PREPARED_STATEMENT: &str = "26000";
     pub const INTERNAL: &str = "XX000";
 }
 

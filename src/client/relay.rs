@@ -56,8 +56,47 @@ enum Expect {
         /// Whether anything was executed (a Parse/Describe-only round trip is not a query).
         exec: bool,
     },
-    /// An answer the proxy makes up (ParseComplete '1' or CloseComplete '3') once everything before it is answered.
-    Synth(u8),
+    /// An answer the proxy makes up, sent once everything before it is answered. `undo`: the client statement name
+    /// to forget if the server skips this message (an earlier error in the same pipeline).
+    Synth {
+        msg: Synthetic,
+        undo: Option<String>,
+    },
+}
+
+/// Messages the proxy answers on the server's behalf.
+#[derive(Debug)]
+enum Synthetic {
+    ParseComplete,
+    CloseComplete,
+    /// An ErrorResponse (SQLSTATE, message); the proxy then drops the client's messages up to its Sync, as the server
+    /// would have.
+    Error(&'static str, String),
+}
+
+/// A statement that does nothing and reports success, standing in for session commands the proxy absorbs.
+const NO_OP: &str = "DO $pgrelay$BEGIN END$pgrelay$";
+
+/// The refusal of SQL-level PREPARE in transaction mode.
+const PREPARE_REFUSED: &str = "SQL PREPARE is not supported in transaction pooling mode: use protocol-level prepared statements (every driver's default), or session mode";
+
+/// How the proxy handles a session command.
+enum Absorb {
+    No,
+    /// A SET/RESET to remember once it succeeds.
+    Set(Box<SessionCommand>),
+    /// Send this instead: `NO_OP`, or (not starting with "DO") an error message to answer with.
+    Replace(String),
+}
+
+/// Writes an unnamed Parse of `text` with no parameter types.
+fn unnamed_parse(out: &mut BytesMut, text: &str) {
+    out.put_u8(b'P');
+    out.put_i32((4 + 1 + text.len() + 1 + 2) as i32);
+    out.put_u8(0);
+    out.put_slice(text.as_bytes());
+    out.put_u8(0);
+    out.put_i16(0);
 }
 
 /// What the observer needs about one query: its fingerprint and where its text and parameters are kept.
@@ -129,6 +168,14 @@ pub struct Session {
     last_error: Option<String>,
     /// An Execute was forwarded since the last Sync.
     group_exec: bool,
+    /// A SET/RESET sent through the extended protocol in this Sync group.
+    group_set: Option<Box<SessionCommand>>,
+    /// The proxy answered an error inside this Sync group: drop messages up to the Sync.
+    skip_until_sync: bool,
+    /// SETs run inside the open transaction: they follow the client only if it commits.
+    tx_sets: Vec<SessionCommand>,
+    /// The last CommandComplete was COMMIT.
+    last_commit: bool,
 }
 
 impl Session {
@@ -165,6 +212,10 @@ impl Session {
             rows: 0,
             last_error: None,
             group_exec: false,
+            group_set: None,
+            skip_until_sync: false,
+            tx_sets: Vec::new(),
+            last_commit: false,
         }
     }
 
@@ -369,23 +420,20 @@ impl Session {
     fn forward(&mut self, srv: &mut PooledConn, t: u8, frame: &[u8], now: Instant) {
         let body = &frame[5..];
         let rewrites = self.rewrites();
+        if self.skip_until_sync && t != b'S' {
+            return;
+        }
         match t {
             b'Q' => {
                 let sql = protocol::query_text(body);
                 self.cur_qtype = query_type(sql);
                 let mut set = None;
+                let mut replaced: Option<String> = None;
                 if rewrites {
-                    match prepared::classify(sql) {
-                        Some(
-                            cmd @ (SessionCommand::Set { .. } | SessionCommand::Reset(_) | SessionCommand::ResetAll),
-                        ) => set = Some(Box::new(cmd)),
-                        Some(SessionCommand::DiscardAll | SessionCommand::DeallocateAll) => {
-                            // The server forgets its statements; so must we.
-                            srv.statements.clear();
-                            srv.applied.clear();
-                        }
-                        Some(SessionCommand::Pin(what)) => self.pin(what),
-                        _ => {}
+                    match self.session_command(srv, sql) {
+                        Absorb::Set(cmd) => set = Some(cmd),
+                        Absorb::Replace(text) => replaced = Some(text),
+                        Absorb::No => {}
                     }
                 }
                 let obs = if self.obs_on {
@@ -393,7 +441,17 @@ impl Session {
                 } else {
                     Observed::default()
                 };
-                self.out.extend_from_slice(frame);
+                match replaced {
+                    Some(text) if text.starts_with("DO") => protocol::query(&mut self.out, &text),
+                    Some(msg) => protocol::query(
+                        &mut self.out,
+                        &format!(
+                            "DO $pgrelay$BEGIN RAISE EXCEPTION USING ERRCODE = 'feature_not_supported', MESSAGE = {}; END$pgrelay$",
+                            protocol::quote_literal(&msg)
+                        ),
+                    ),
+                    None => self.out.extend_from_slice(frame),
+                }
                 self.expect.push_back(Expect::Ready {
                     swallow: false,
                     start: now,
@@ -420,8 +478,23 @@ impl Session {
                         };
                     }
                     if rewrites {
-                        if let Some(SessionCommand::Pin(what)) = prepared::advisory(sql) {
-                            self.pin(what);
+                        match self.session_command(srv, sql) {
+                            Absorb::Set(cmd) => self.group_set = Some(cmd),
+                            Absorb::Replace(text) if !text.starts_with("DO") => {
+                                // Refused: answer with the error ourselves and skip to the Sync, as the server would.
+                                self.expect.push_back(Expect::Synth {
+                                    msg: Synthetic::Error(sqlstate::FEATURE_NOT_SUPPORTED, text),
+                                    undo: None,
+                                });
+                                self.skip_until_sync = true;
+                                return;
+                            }
+                            Absorb::Replace(text) => {
+                                unnamed_parse(&mut self.out, &text);
+                                self.expect.push_back(Expect::Parse { swallow: false, hash: None, client: None });
+                                return;
+                            }
+                            Absorb::No => {}
                         }
                     }
                     self.out.extend_from_slice(frame);
@@ -434,20 +507,33 @@ impl Session {
                     self.expect.push_back(Expect::Parse { swallow: false, hash: None, client: None });
                     return;
                 };
-                if let Some(SessionCommand::Pin(what)) = prepared::advisory(&p.query) {
+                if self.statements.contains_key(&client_name) {
+                    self.expect.push_back(Expect::Synth {
+                        msg: Synthetic::Error(
+                            sqlstate::DUPLICATE_PREPARED_STATEMENT,
+                            format!("prepared statement \"{client_name}\" already exists"),
+                        ),
+                        undo: None,
+                    });
+                    self.skip_until_sync = true;
+                    return;
+                }
+                if let Some(SessionCommand::Pin(what)) = prepared::classify(&p.query) {
                     self.pin(what);
                 }
                 self.cur_qtype = p.qtype;
-                let p = match self.statements.get(&client_name) {
-                    Some(old) if old.hash == p.hash => old.clone(),
-                    _ => Arc::new(p),
-                };
+                let p = Arc::new(p);
                 if self.obs_on {
                     self.cur = Observed { fp: p.fingerprint, text: 0, bind: 0, prepared: Some(p.clone()) };
                 }
                 self.statements.insert(client_name.clone(), p.clone());
-                if srv.statements.touch(p.hash) {
-                    self.expect.push_back(Expect::Synth(b'1'));
+                if srv.tx_status == b'E' {
+                    // In a failed transaction the server refuses every Parse (25P02): let it say so, and do not let
+                    // that error make us forget the statement it does hold.
+                    self.out.extend_from_slice(&p.parse);
+                    self.expect.push_back(Expect::Parse { swallow: false, hash: None, client: Some(client_name) });
+                } else if srv.statements.touch(p.hash) {
+                    self.expect.push_back(Expect::Synth { msg: Synthetic::ParseComplete, undo: Some(client_name) });
                 } else {
                     self.prepare_on_server(srv, &p, false, Some(client_name));
                 }
@@ -469,7 +555,7 @@ impl Session {
                         let name = client_stmt_name(body).unwrap_or_default();
                         self.statements.remove(&name);
                         let _ = p;
-                        self.expect.push_back(Expect::Synth(b'3'));
+                        self.expect.push_back(Expect::Synth { msg: Synthetic::CloseComplete, undo: None });
                     }
                     Some(p) => {
                         if !srv.statements.touch(p.hash) {
@@ -502,13 +588,14 @@ impl Session {
             }
             b'S' => {
                 self.open_extended = false;
+                self.skip_until_sync = false;
                 self.out.extend_from_slice(frame);
                 let obs = if self.obs_on { self.cur.clone() } else { Observed::default() };
                 self.expect.push_back(Expect::Ready {
                     swallow: false,
                     start: now,
                     qtype: self.cur_qtype,
-                    set: None,
+                    set: self.group_set.take(),
                     obs,
                     exec: std::mem::take(&mut self.group_exec),
                 });
@@ -526,6 +613,42 @@ impl Session {
             }
             // Flush and COPY data get no answer of their own.
             _ => self.out.extend_from_slice(frame),
+        }
+    }
+
+    /// What to do with a session command (SET, DEALLOCATE, DISCARD, PREPARE, pinning features) in transaction mode.
+    fn session_command(&mut self, srv: &mut PooledConn, sql: &str) -> Absorb {
+        match prepared::classify(sql) {
+            Some(cmd @ (SessionCommand::Set { .. } | SessionCommand::Reset(_) | SessionCommand::ResetAll)) => {
+                Absorb::Set(Box::new(cmd))
+            }
+            // An unknown name goes through: the server answers 26000 as it would have.
+            Some(SessionCommand::Deallocate(name)) if self.statements.remove(&name).is_some() => {
+                Absorb::Replace(NO_OP.into())
+            }
+            Some(SessionCommand::DeallocateAll) => {
+                // The server-side statements are shared with other clients: only this client's names go.
+                self.statements.clear();
+                Absorb::Replace(NO_OP.into())
+            }
+            Some(SessionCommand::DiscardAll) => {
+                self.statements.clear();
+                self.params.clear();
+                if self.pinned.is_some() {
+                    // Its temp tables and the like live on this server: DISCARD ALL must reach it.
+                    srv.statements.clear();
+                    srv.applied.clear();
+                    Absorb::No
+                } else {
+                    Absorb::Replace(NO_OP.into())
+                }
+            }
+            Some(SessionCommand::Prepare) => Absorb::Replace(PREPARE_REFUSED.into()),
+            Some(SessionCommand::Pin(what)) => {
+                self.pin(what);
+                Absorb::No
+            }
+            _ => Absorb::No,
         }
     }
 
@@ -577,7 +700,13 @@ impl Session {
         let (tag, err) = match prepared::classify(sql) {
             Some(SessionCommand::Deallocate(name)) => {
                 if self.statements.remove(&name).is_none() {
-                    ("", Some(format!("prepared statement \"{name}\" does not exist")))
+                    (
+                        "",
+                        Some((
+                            sqlstate::UNDEFINED_PREPARED_STATEMENT,
+                            format!("prepared statement \"{name}\" does not exist"),
+                        )),
+                    )
                 } else {
                     ("DEALLOCATE", None)
                 }
@@ -586,19 +715,17 @@ impl Session {
                 self.statements.clear();
                 ("DEALLOCATE ALL", None)
             }
-            Some(SessionCommand::DiscardAll) => {
+            // A pinned client's server holds its session state: let DISCARD ALL reach it.
+            Some(SessionCommand::DiscardAll) if self.pinned.is_none() => {
                 self.statements.clear();
                 self.params.clear();
                 ("DISCARD ALL", None)
             }
-            Some(SessionCommand::Prepare) => (
-                "",
-                Some("SQL PREPARE is not supported in transaction pooling mode: use protocol-level prepared statements (every driver's default), or session mode".to_string()),
-            ),
+            Some(SessionCommand::Prepare) => ("", Some((sqlstate::FEATURE_NOT_SUPPORTED, PREPARE_REFUSED.to_string()))),
             _ => return false,
         };
         match err {
-            Some(m) => protocol::error_response(wbuf, "ERROR", sqlstate::FEATURE_NOT_SUPPORTED, &m),
+            Some((code, m)) => protocol::error_response(wbuf, "ERROR", code, &m),
             None => protocol::command_complete(wbuf, tag),
         }
         protocol::ready_for_query(wbuf, status);
@@ -607,9 +734,14 @@ impl Session {
 
     /// Emits made-up answers that are now at the head of the queue.
     fn flush_synth(&mut self, conn: &mut ClientConn) {
-        while let Some(Expect::Synth(m)) = self.expect.front() {
-            conn.wbuf.put_u8(*m);
-            conn.wbuf.put_i32(4);
+        while let Some(Expect::Synth { msg, .. }) = self.expect.front() {
+            match msg {
+                Synthetic::ParseComplete | Synthetic::CloseComplete => {
+                    conn.wbuf.put_u8(if matches!(msg, Synthetic::ParseComplete) { b'1' } else { b'3' });
+                    conn.wbuf.put_i32(4);
+                }
+                Synthetic::Error(code, m) => protocol::error_response(&mut conn.wbuf, "ERROR", code, m),
+            }
             self.expect.pop_front();
         }
     }
@@ -812,7 +944,20 @@ impl Session {
                                     }
                                     if let Some(cmd) = set {
                                         if !self.saw_error {
-                                            self.apply_session_command(srv, *cmd);
+                                            if status == b'I' && self.tx_sets.is_empty() {
+                                                self.apply_session_command(srv, *cmd);
+                                            } else {
+                                                self.tx_sets.push(*cmd);
+                                            }
+                                        }
+                                    }
+                                    if status == b'I' && !self.tx_sets.is_empty() {
+                                        // The transaction ended: its SETs stand only if it committed.
+                                        let sets = std::mem::take(&mut self.tx_sets);
+                                        if self.last_commit {
+                                            for cmd in sets {
+                                                self.apply_session_command(srv, cmd);
+                                            }
                                         }
                                     }
                                 }
@@ -882,7 +1027,9 @@ impl Session {
                 }
                 b'C' | b'I' | b's' => {
                     if t == b'C' {
-                        self.rows += crate::observe::tag_rows(&srv.rbuf[5..len]);
+                        let tag = &srv.rbuf[5..len];
+                        self.rows += crate::observe::tag_rows(tag);
+                        self.last_commit = tag.starts_with(b"COMMIT");
                     }
                     self.pop_if(|e| matches!(e, Expect::Execute))
                 }
@@ -954,14 +1101,20 @@ impl Session {
             if matches!(e, Expect::Ready { .. }) {
                 break;
             }
-            if let Some(Expect::Parse { hash, client, .. }) = self.expect.pop_front() {
+            match self.expect.pop_front() {
                 // A Parse that failed (or was skipped) must leave no stale mapping behind.
-                if let Some(h) = hash {
-                    srv.statements.remove(h);
+                Some(Expect::Parse { hash, client, .. }) => {
+                    if let Some(h) = hash {
+                        srv.statements.remove(h);
+                    }
+                    if let Some(c) = client {
+                        self.statements.remove(&c);
+                    }
                 }
-                if let Some(c) = client {
+                Some(Expect::Synth { undo: Some(c), .. }) => {
                     self.statements.remove(&c);
                 }
+                _ => {}
             }
         }
     }
