@@ -147,8 +147,11 @@ def main():
         got = c.execute("select count(*), sum(n), min(n), max(n) from py3_counters").fetchone()
         if tuple(got) != (THREADS, THREADS * ITERS, ITERS, ITERS):
             fail(f"final counters {got}, expected {(THREADS, THREADS * ITERS, ITERS, ITERS)}")
-    many_distinct_statements()
-    ddl_change()
+    for phase in (many_distinct_statements, ddl_change):
+        try:
+            phase()
+        except Exception as e:  # noqa: BLE001 - report and go on with the next phase
+            fail(f"{phase.__name__}: {type(e).__name__}: {e}")
     if failures:
         print(f"psycopg3_check: {len(failures)} failure(s)", file=sys.stderr)
         sys.exit(1)
