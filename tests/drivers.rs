@@ -82,9 +82,7 @@ fn run_script(pg: &Pg, relay: &Relay, mut cmd: Command, timeout: Duration) -> Ou
         .stdout(out.try_clone().unwrap())
         .stderr(out);
     let start = Instant::now();
-    let mut child = cmd
-        .spawn()
-        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
     let stop = AtomicBool::new(false);
     let max_servers = AtomicUsize::new(0);
     let status = std::thread::scope(|s| {
@@ -151,7 +149,10 @@ fn check(name: &str, build: impl FnOnce() -> Command, timeout: Duration) {
     );
     assert!(o.success, "{name} failed:\n{}", o.output);
     let sv = pool_servers(&relay);
-    assert!(sv <= POOL_SIZE, "show pools: {sv} server connections for a pool of {POOL_SIZE}");
+    assert!(
+        sv <= POOL_SIZE,
+        "show pools: {sv} server connections for a pool of {POOL_SIZE}"
+    );
     assert!(
         o.max_servers <= POOL_SIZE,
         "pg_stat_activity saw {} server connections for a pool of {POOL_SIZE}",
@@ -208,8 +209,14 @@ fn npm_ci(dir: &Path) {
 
 #[test]
 fn node_pg_named_queries() {
-    require_tool("node", "install Node.js (scripts/install-deps installs Debian's nodejs)");
-    require_tool("npm", "install npm (scripts/install-deps installs Debian's npm)");
+    require_tool(
+        "node",
+        "install Node.js (scripts/install-deps installs Debian's nodejs)",
+    );
+    require_tool(
+        "npm",
+        "install npm (scripts/install-deps installs Debian's npm)",
+    );
     let dir = drivers_dir().join("node");
     npm_ci(&dir);
     check(
@@ -225,9 +232,16 @@ fn node_pg_named_queries() {
 
 #[test]
 fn pgjdbc_prepare_threshold_1() {
-    require_tool("javac", "install a JDK: apt-get install -y default-jdk-headless");
-    require_tool("java", "install a JDK: apt-get install -y default-jdk-headless");
-    let jar = std::env::var("PGJDBC_JAR").unwrap_or_else(|_| "/usr/share/java/postgresql.jar".into());
+    require_tool(
+        "javac",
+        "install a JDK: apt-get install -y default-jdk-headless",
+    );
+    require_tool(
+        "java",
+        "install a JDK: apt-get install -y default-jdk-headless",
+    );
+    let jar =
+        std::env::var("PGJDBC_JAR").unwrap_or_else(|_| "/usr/share/java/postgresql.jar".into());
     assert!(
         Path::new(&jar).exists(),
         "pgjdbc not found at {jar}: apt-get install -y libpostgresql-jdbc-java (or set PGJDBC_JAR)"

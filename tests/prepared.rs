@@ -101,14 +101,37 @@ fn pgbench_prepared_select_only_20_clients() {
     let pg = Pg::start();
     let port = pg.port.to_string();
     let (out, ok) = pgbench(&[
-        "-i", "-s", "1", "-h", "127.0.0.1", "-p", &port, "-U", "postgres", "postgres",
+        "-i",
+        "-s",
+        "1",
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &port,
+        "-U",
+        "postgres",
+        "postgres",
     ]);
     assert!(ok, "{out}");
     let relay = relay_with_pool(&pg, 4);
     let rport = relay.port.to_string();
     let (out, ok) = pgbench(&[
-        "-h", "127.0.0.1", "-p", &rport, "-U", "postgres", "-M", "prepared", "-S", "-c", "20", "-j", "2", "-T",
-        "5", "postgres",
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &rport,
+        "-U",
+        "postgres",
+        "-M",
+        "prepared",
+        "-S",
+        "-c",
+        "20",
+        "-j",
+        "2",
+        "-T",
+        "5",
+        "postgres",
     ]);
     eprintln!("{out}");
     assert!(ok, "pgbench -M prepared -S failed: {out}");
@@ -130,7 +153,11 @@ async fn search_path_isolation_on_one_shared_server() {
     a.batch_execute("SET search_path = a").await.unwrap();
     for _ in 0..3 {
         assert_eq!(show(&a, "search_path").await, "a", "A keeps its setting");
-        assert_eq!(show(&b, "search_path").await, default, "B must not see A's SET");
+        assert_eq!(
+            show(&b, "search_path").await,
+            default,
+            "B must not see A's SET"
+        );
         let va: String = a.query_one("select v from t", &[]).await.unwrap().get(0);
         let vb: String = b.query_one("select v from t", &[]).await.unwrap().get(0);
         assert_eq!((va.as_str(), vb.as_str()), ("from a", "from public"));
@@ -172,7 +199,9 @@ async fn set_in_a_rolled_back_transaction_is_not_kept() {
     let relay = relay_with_pool(&pg, 2);
     let a = relay.connect().await;
     let b = relay.connect().await;
-    a.batch_execute("BEGIN; SET search_path = a").await.unwrap();
+    // Separate statements, so the proxy sees a lone SET (a multi-statement query is left to the server).
+    a.batch_execute("BEGIN").await.unwrap();
+    a.batch_execute("SET search_path = a").await.unwrap();
     a.batch_execute("ROLLBACK").await.unwrap();
     let mut seen = Vec::new();
     // Hold the server A used so A's next statements run on the other one.
@@ -184,7 +213,7 @@ async fn set_in_a_rolled_back_transaction_is_not_kept() {
     }
     assert!(
         seen.iter().all(|s| s == "\"$user\", public"),
-        "search_path after BEGIN; SET search_path = a; ROLLBACK: {seen:?} (PostgreSQL: \"$user\", public every time)"
+        "search_path after BEGIN / SET search_path = a / ROLLBACK: {seen:?} (PostgreSQL: \"$user\", public every time)"
     );
 }
 
@@ -203,7 +232,10 @@ async fn sql_prepare_is_refused_with_0a000() {
     assert_eq!(sqlstate(&e).as_deref(), Some("0A000"), "{}", msg(&e));
     assert!(msg(&e).contains("transaction pooling"), "{}", msg(&e));
     // The connection stays usable.
-    assert_eq!(a.query_one("select 1", &[]).await.unwrap().get::<_, i32>(0), 1);
+    assert_eq!(
+        a.query_one("select 1", &[]).await.unwrap().get::<_, i32>(0),
+        1
+    );
 }
 
 /// The same SQL PREPARE sent with the extended protocol (what pgjdbc or psycopg 3 do with `execute("PREPARE ...")`).
@@ -214,7 +246,10 @@ async fn sql_prepare_through_extended_protocol_is_refused_too() {
     let a = relay.connect().await;
     let b = relay.connect().await;
     let r = a.execute("PREPARE p2 AS select 42", &[]).await;
-    let leaked = b.query_one("EXECUTE p2", &[]).await.map(|r| r.get::<_, i32>(0));
+    let leaked = b
+        .query_one("EXECUTE p2", &[])
+        .await
+        .map(|r| r.get::<_, i32>(0));
     assert!(
         matches!(&r, Err(e) if sqlstate(e).as_deref() == Some("0A000")),
         "PREPARE via Parse/Bind/Execute: {:?}; another client's EXECUTE p2 then returned {:?}",
@@ -230,16 +265,25 @@ async fn deallocate_of_a_protocol_prepared_name() {
     let mut w = Wire::connect(relay.port).await;
     w.parse("st1", "select $1::int + 1", &[INT4]);
     w.sync();
-    assert_eq!(w.roundtrip(1).await, vec![Reply::ParseComplete, Reply::Ready(b'I')]);
+    assert_eq!(
+        w.roundtrip(1).await,
+        vec![Reply::ParseComplete, Reply::Ready(b'I')]
+    );
     assert_eq!(
         w.simple("DEALLOCATE st1").await,
-        vec![Reply::CommandComplete("DEALLOCATE".into()), Reply::Ready(b'I')]
+        vec![
+            Reply::CommandComplete("DEALLOCATE".into()),
+            Reply::Ready(b'I')
+        ]
     );
     // Gone for this client: Bind fails like on PostgreSQL, and the name can be prepared again.
     w.bind("", "st1", &[Some("1")]);
     w.execute("", 0);
     w.sync();
-    assert_eq!(w.roundtrip(1).await, vec![Reply::Error("26000".into()), Reply::Ready(b'I')]);
+    assert_eq!(
+        w.roundtrip(1).await,
+        vec![Reply::Error("26000".into()), Reply::Ready(b'I')]
+    );
     w.parse("st1", "select $1::int + 2", &[INT4]);
     w.bind("", "st1", &[Some("1")]);
     w.execute("", 0);
@@ -257,7 +301,10 @@ async fn deallocate_of_a_protocol_prepared_name() {
     w.simple("DEALLOCATE ALL").await;
     w.bind("", "st1", &[Some("1")]);
     w.sync();
-    assert_eq!(w.roundtrip(1).await, vec![Reply::Error("26000".into()), Reply::Ready(b'I')]);
+    assert_eq!(
+        w.roundtrip(1).await,
+        vec![Reply::Error("26000".into()), Reply::Ready(b'I')]
+    );
 }
 
 /// DEALLOCATE of a name that does not exist: PostgreSQL says 26000 (invalid_sql_statement_name).
@@ -269,7 +316,11 @@ async fn deallocate_of_an_unknown_name_fails_like_postgres() {
     let mut w = Wire::connect(relay.port).await;
     let want = direct.simple("DEALLOCATE nosuch").await;
     let got = w.simple("DEALLOCATE nosuch").await;
-    assert_eq!(got, want, "relay: {} / PostgreSQL: {}", w.last_error, direct.last_error);
+    assert_eq!(
+        got, want,
+        "relay: {} / PostgreSQL: {}",
+        w.last_error, direct.last_error
+    );
 }
 
 /// psycopg 3 sends `DEALLOCATE <name>` and `DEALLOCATE ALL` (after every ROLLBACK) with the extended protocol
@@ -283,7 +334,10 @@ async fn deallocate_through_extended_protocol() {
     for w in [&mut a, &mut b] {
         w.parse("_pg3_0", "select $1::int * 10", &[INT4]);
         w.sync();
-        assert_eq!(w.roundtrip(1).await, vec![Reply::ParseComplete, Reply::Ready(b'I')]);
+        assert_eq!(
+            w.roundtrip(1).await,
+            vec![Reply::ParseComplete, Reply::Ready(b'I')]
+        );
     }
     // 1. DEALLOCATE <name> as psycopg sends it.
     a.parse("", "DEALLOCATE _pg3_0", &[]);
@@ -333,7 +387,11 @@ async fn close_then_reparse_same_name_with_different_text() {
     let pg = Pg::start();
     let relay = relay_with_pool(&pg, 2);
     let mut w = Wire::connect(relay.port).await;
-    for (text, want) in [("select $1::int + 1", "6"), ("select $1::int * 100", "500"), ("select $1::int + 1", "6")] {
+    for (text, want) in [
+        ("select $1::int + 1", "6"),
+        ("select $1::int * 100", "500"),
+        ("select $1::int + 1", "6"),
+    ] {
         w.parse("s", text, &[INT4]);
         w.bind("", "s", &[Some("5")]);
         w.execute("", 0);
@@ -358,7 +416,10 @@ async fn close_then_reparse_same_name_with_different_text() {
     w.roundtrip(1).await;
     w.close_statement("s2");
     w.sync();
-    assert_eq!(w.roundtrip(1).await, vec![Reply::CloseComplete, Reply::Ready(b'I')]);
+    assert_eq!(
+        w.roundtrip(1).await,
+        vec![Reply::CloseComplete, Reply::Ready(b'I')]
+    );
     w.parse("s2", "select 'two'", &[]);
     w.bind("", "s2", &[]);
     w.execute("", 0);
@@ -405,11 +466,18 @@ async fn failed_parse_leaves_no_stale_mapping() {
     w.bind("", "f", &[]);
     w.execute("", 0);
     w.sync();
-    assert_eq!(w.roundtrip(1).await, vec![Reply::Error("42601".into()), Reply::Ready(b'I')]);
+    assert_eq!(
+        w.roundtrip(1).await,
+        vec![Reply::Error("42601".into()), Reply::Ready(b'I')]
+    );
     w.bind("", "f", &[]);
     w.execute("", 0);
     w.sync();
-    assert_eq!(w.roundtrip(1).await, vec![Reply::Error("26000".into()), Reply::Ready(b'I')], "no statement f");
+    assert_eq!(
+        w.roundtrip(1).await,
+        vec![Reply::Error("26000".into()), Reply::Ready(b'I')],
+        "no statement f"
+    );
     w.parse("f", "select 7", &[]);
     w.bind("", "f", &[]);
     w.execute("", 0);
@@ -497,11 +565,18 @@ async fn describe_of_a_statement_the_server_has_not_seen() {
         "{r:?} / {}",
         a.last_error
     );
-    assert_ne!(r[4], row1(&pid_a), "the Describe was meant to run on the other server");
+    assert_ne!(
+        r[4],
+        row1(&pid_a),
+        "the Describe was meant to run on the other server"
+    );
     a.bind("", "d1", &[Some("9")]);
     a.execute("", 0);
     a.sync();
-    assert_eq!(a.roundtrip(1).await[1], Reply::DataRow(vec![Some("9".into()), Some("y".into())]));
+    assert_eq!(
+        a.roundtrip(1).await[1],
+        Reply::DataRow(vec![Some("9".into()), Some("y".into())])
+    );
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -513,11 +588,21 @@ async fn advisory_lock_pins_and_is_released_on_disconnect() {
     let relay = relay_with_pool(&pg, 2);
     let a = relay.connect().await;
     let b = relay.connect().await;
-    a.batch_execute("select pg_advisory_lock(42)").await.unwrap();
-    let pid: i32 = a.query_one("select pg_backend_pid()", &[]).await.unwrap().get(0);
+    a.batch_execute("select pg_advisory_lock(42)")
+        .await
+        .unwrap();
+    let pid: i32 = a
+        .query_one("select pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
     for _ in 0..5 {
         a.batch_execute("begin; select 1; commit").await.unwrap();
-        let p: i32 = a.query_one("select pg_backend_pid()", &[]).await.unwrap().get(0);
+        let p: i32 = a
+            .query_one("select pg_backend_pid()", &[])
+            .await
+            .unwrap()
+            .get(0);
         assert_eq!(p, pid, "A stays on its server while it holds the lock");
         let got: bool = b
             .query_one("select pg_try_advisory_lock(42)", &[])
@@ -527,7 +612,9 @@ async fn advisory_lock_pins_and_is_released_on_disconnect() {
         assert!(!got, "B must not get the lock A holds");
     }
     let held: i64 = pg
-        .psql("select count(*) from pg_locks where locktype = 'advisory' and objid = 42 and granted")
+        .psql(
+            "select count(*) from pg_locks where locktype = 'advisory' and objid = 42 and granted",
+        )
         .parse()
         .unwrap();
     assert_eq!(held, 1);
@@ -551,7 +638,10 @@ async fn advisory_lock_pins_and_is_released_on_disconnect() {
 /// Connects with a connection task that forwards notifications into a channel.
 async fn connect_listening(
     url: &str,
-) -> (tokio_postgres::Client, tokio::sync::mpsc::UnboundedReceiver<String>) {
+) -> (
+    tokio_postgres::Client,
+    tokio::sync::mpsc::UnboundedReceiver<String>,
+) {
     let (client, mut conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
         .await
         .unwrap();
@@ -583,7 +673,9 @@ async fn listen_case(extended: bool) -> Result<(), String> {
     }
     a.batch_execute("select 1").await.unwrap();
     for i in 0..3 {
-        b.batch_execute(&format!("NOTIFY chan, 'n{i}'")).await.unwrap();
+        b.batch_execute(&format!("NOTIFY chan, 'n{i}'"))
+            .await
+            .unwrap();
     }
     let mut got_a = Vec::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
@@ -624,7 +716,9 @@ async fn temp_table_case(extended: bool) -> Result<(), String> {
     if extended {
         a.execute("create temp table tt(v int)", &[]).await.unwrap();
     } else {
-        a.batch_execute("create temp table tt(v int)").await.unwrap();
+        a.batch_execute("create temp table tt(v int)")
+            .await
+            .unwrap();
     }
     a.batch_execute("insert into tt values (1)").await.unwrap();
     // Pinned: B waits for the only server. Not pinned: B runs on A's backend and sees A's temp table.
@@ -737,9 +831,17 @@ async fn cached_plan_error_after_alter_table_does_not_stick() {
     // 2. An old client: the first use may fail (as on PostgreSQL), after re-preparing the retry must work.
     let mut retries = Vec::new();
     for (c, st) in clients.iter().zip(&stmts) {
-        let first = c.query(st, &[]).await.map(|r| r[0].len()).map_err(|e| msg(&e));
+        let first = c
+            .query(st, &[])
+            .await
+            .map(|r| r[0].len())
+            .map_err(|e| msg(&e));
         let st2 = c.prepare("select * from ddl_t").await.unwrap();
-        let second = c.query(&st2, &[]).await.map(|r| r[0].len()).map_err(|e| msg(&e));
+        let second = c
+            .query(&st2, &[])
+            .await
+            .map(|r| r[0].len())
+            .map_err(|e| msg(&e));
         retries.push((first, second));
     }
     assert!(
@@ -806,7 +908,11 @@ async fn tokio_postgres_pipelines_from_many_clients() {
                         let c = &c;
                         let st = &st;
                         Box::pin(async move {
-                            let v: i32 = c.query_one(st, &[&id, &(round * 100 + i)]).await.unwrap().get(0);
+                            let v: i32 = c
+                                .query_one(st, &[&id, &(round * 100 + i)])
+                                .await
+                                .unwrap()
+                                .get(0);
                             v
                         })
                     })
@@ -829,8 +935,16 @@ async fn tokio_postgres_pipelines_from_many_clients() {
 const STMTS: &[(&str, usize, &[u32])] = &[
     ("select $1::int * 2 as x", 1, &[]),
     ("select $1::text || '!' as s", 1, &[]),
-    ("insert into prop(c, v) values ($1::int, $2::int) returning v", 2, &[]),
-    ("select count(*) as n, coalesce(sum(v), 0) as s from prop where c = $1::int", 1, &[]),
+    (
+        "insert into prop(c, v) values ($1::int, $2::int) returning v",
+        2,
+        &[],
+    ),
+    (
+        "select count(*) as n, coalesce(sum(v), 0) as s from prop where c = $1::int",
+        1,
+        &[],
+    ),
     ("select 1 / $1::int as d", 1, &[]),
     ("selec oops", 0, &[]),
     ("select g from generate_series(1, $1::int) g", 1, &[]),
@@ -858,6 +972,8 @@ struct Gen {
     /// Named statements that exist on PostgreSQL (from pg_prepared_statements).
     existing: Vec<String>,
     status: u8,
+    /// One protocol unit per Sync (no message is ever skipped because an earlier one in its pipeline failed).
+    single: bool,
 }
 
 impl Gen {
@@ -887,7 +1003,11 @@ impl Gen {
     fn batch(&mut self) -> Vec<Op> {
         use rand::Rng;
         if self.status != b'I' && self.rng.gen_ratio(1, 4) {
-            let end = if self.rng.gen_bool(0.5) { "COMMIT" } else { "ROLLBACK" };
+            let end = if self.rng.gen_bool(0.5) {
+                "COMMIT"
+            } else {
+                "ROLLBACK"
+            };
             return vec![Op::Query(end.into())];
         }
         if self.rng.gen_ratio(1, 8) {
@@ -904,7 +1024,12 @@ impl Gen {
             return vec![Op::Query(q)];
         }
         let mut ops = Vec::new();
-        for _ in 0..self.rng.gen_range(1..=6) {
+        let units = if self.single {
+            1
+        } else {
+            self.rng.gen_range(1..=6)
+        };
+        for _ in 0..units {
             match self.rng.gen_range(0..10) {
                 0..=2 => {
                     let name = self.name();
@@ -917,7 +1042,11 @@ impl Gen {
                     ops.push(Op::Parse(name, idx));
                 }
                 3..=5 => {
-                    let name = if self.rng.gen_ratio(1, 20) { "zz" } else { self.name() };
+                    let name = if self.rng.gen_ratio(1, 20) {
+                        "zz"
+                    } else {
+                        self.name()
+                    };
                     ops.push(Op::Bind(name));
                     let rows = if self.rng.gen_ratio(1, 5) { 1 } else { 0 };
                     ops.push(Op::Execute(rows));
@@ -968,6 +1097,7 @@ async fn property_client(
     direct_port: u16,
     relay_port: u16,
     ops_wanted: usize,
+    single: bool,
 ) -> Result<usize, String> {
     use rand::SeedableRng;
     let mut direct = Wire::connect(direct_port).await;
@@ -978,6 +1108,7 @@ async fn property_client(
         texts: Default::default(),
         existing: Vec::new(),
         status: b'I',
+        single,
     };
     let mut done = 0;
     let mut history: Vec<String> = Vec::new();
@@ -1024,8 +1155,19 @@ async fn property_client(
     Ok(done)
 }
 
+/// Pipelines of up to six units before each Sync, errors included.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn property_random_sequences_match_postgres() {
+async fn property_random_pipelines_match_postgres() {
+    property(false).await;
+}
+
+/// One unit per Sync: what remains when no message is skipped after an error in its pipeline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn property_one_unit_per_sync_matches_postgres() {
+    property(true).await;
+}
+
+async fn property(single: bool) {
     let seed: u64 = std::env::var("PGRELAY_PROP_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -1045,7 +1187,7 @@ async fn property_random_sequences_match_postgres() {
     for cid in 0..8 {
         let (dp, rp) = (direct.port, relay.port);
         tasks.push(tokio::spawn(async move {
-            property_client(seed, cid, dp, rp, ops).await
+            property_client(seed, cid, dp, rp, ops, single).await
         }));
     }
     let mut failures = Vec::new();
@@ -1057,7 +1199,12 @@ async fn property_random_sequences_match_postgres() {
         }
     }
     eprintln!("property test: seed {seed}, {total} operations matched");
-    assert!(failures.is_empty(), "{} of 8 clients diverged:\n{}", failures.len(), failures.join("\n\n"));
+    assert!(
+        failures.is_empty(),
+        "{} of 8 clients diverged:\n{}",
+        failures.len(),
+        failures.join("\n\n")
+    );
     assert_eq!(
         direct.psql("select c, count(*), sum(v) from prop group by c order by c"),
         behind.psql("select c, count(*), sum(v) from prop group by c order by c")

@@ -35,7 +35,10 @@ pub struct Wire {
 }
 
 fn cstr(b: &mut &[u8]) -> String {
-    let n = b.iter().position(|&c| c == 0).expect("nul-terminated string");
+    let n = b
+        .iter()
+        .position(|&c| c == 0)
+        .expect("nul-terminated string");
     let s = String::from_utf8_lossy(&b[..n]).into_owned();
     *b = &b[n + 1..];
     s
@@ -44,7 +47,9 @@ fn cstr(b: &mut &[u8]) -> String {
 impl Wire {
     /// Connects as postgres/secret to database postgres (SCRAM-SHA-256) and waits for ReadyForQuery.
     pub async fn connect(port: u16) -> Wire {
-        let stream = TcpStream::connect(("127.0.0.1", port)).await.expect("tcp connect");
+        let stream = TcpStream::connect(("127.0.0.1", port))
+            .await
+            .expect("tcp connect");
         stream.set_nodelay(true).unwrap();
         let mut w = Wire {
             stream,
@@ -236,7 +241,9 @@ impl Wire {
                         if len < 0 {
                             vals.push(None);
                         } else {
-                            vals.push(Some(String::from_utf8_lossy(&b[..len as usize]).into_owned()));
+                            vals.push(Some(
+                                String::from_utf8_lossy(&b[..len as usize]).into_owned(),
+                            ));
                             b.advance(len as usize);
                         }
                     }
