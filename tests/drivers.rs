@@ -59,7 +59,7 @@ fn server_count(pg_port: u16) -> Option<usize> {
         PASSWORD,
         "postgres",
         "select count(*) from pg_stat_activity where backend_type = 'client backend' \
-         and datname = 'postgres' and pid <> pg_backend_pid()",
+         and datname = 'postgres' and pid <> pg_backend_pid() and application_name <> 'pgrelay-health'",
     )
     .ok()?
     .parse()
