@@ -26,6 +26,8 @@ pub struct Prepared {
     pub qtype: QueryType,
     pub fingerprint: u64,
     pub query: Arc<str>,
+    /// A session command this statement runs (SET, PREPARE, LISTEN, ...), recognised once at Parse.
+    pub session: Option<SessionCommand>,
     /// Parameter types as the server described them (ParameterDescription), for showing captured values.
     pub described_types: std::sync::OnceLock<Vec<u32>>,
 }
@@ -61,6 +63,7 @@ pub fn from_parse(body: &[u8]) -> Option<(String, Prepared)> {
             qtype: fingerprint::query_type(query),
             fingerprint: fingerprint::fingerprint(query),
             query: Arc::from(query),
+            session: classify(query),
             described_types: std::sync::OnceLock::new(),
         },
     ))
@@ -155,7 +158,7 @@ impl ServerStatements {
 }
 
 /// SQL commands (simple-protocol, single statement) the proxy acts on in transaction mode.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SessionCommand {
     /// `SET [SESSION] name {=|TO} value`: follows the client to every server.
     Set { name: String, value: String },

@@ -69,6 +69,11 @@ enum Expect {
 enum Synthetic {
     ParseComplete,
     CloseComplete,
+    BindComplete,
+    NoData,
+    /// ParameterDescription with no parameters, then NoData (Describe of an absorbed statement).
+    NoParamsNoData,
+    Command(&'static str),
     /// An ErrorResponse (SQLSTATE, message); the proxy then drops the client's messages up to its Sync, as the server
     /// would have.
     Error(&'static str, String),
@@ -89,14 +94,18 @@ enum Absorb {
     Replace(String),
 }
 
-/// Writes an unnamed Parse of `text` with no parameter types.
-fn unnamed_parse(out: &mut BytesMut, text: &str) {
-    out.put_u8(b'P');
-    out.put_i32((4 + 1 + text.len() + 1 + 2) as i32);
-    out.put_u8(0);
-    out.put_slice(text.as_bytes());
-    out.put_u8(0);
-    out.put_i16(0);
+/// The command tag PostgreSQL would answer an absorbed session command with.
+fn command_tag(sql: &str) -> &'static str {
+    match prepared::classify(sql) {
+        Some(SessionCommand::DeallocateAll) => "DEALLOCATE ALL",
+        Some(SessionCommand::DiscardAll) => "DISCARD ALL",
+        _ => "DEALLOCATE",
+    }
+}
+
+/// A Bind of the unnamed statement into the unnamed portal.
+fn unnamed_bind(body: &[u8]) -> bool {
+    body.len() >= 2 && body[0] == 0 && body[1] == 0
 }
 
 /// What the observer needs about one query: its fingerprint and where its text and parameters are kept.
@@ -172,6 +181,10 @@ pub struct Session {
     group_set: Option<Box<SessionCommand>>,
     /// The proxy answered an error inside this Sync group: drop messages up to the Sync.
     skip_until_sync: bool,
+    /// The unnamed statement is a session command the proxy answers itself (its command tag), and so is the unnamed
+    /// portal bound from it.
+    absorbed_unnamed: Option<&'static str>,
+    absorbed_portal: Option<&'static str>,
     /// SETs run inside the open transaction: they follow the client only if it commits.
     tx_sets: Vec<SessionCommand>,
     /// The last CommandComplete was COMMIT.
@@ -215,6 +228,8 @@ impl Session {
             group_set: None,
             skip_until_sync: false,
             tx_sets: Vec::new(),
+            absorbed_unnamed: None,
+            absorbed_portal: None,
             last_commit: false,
         }
     }
@@ -425,6 +440,9 @@ impl Session {
         }
         match t {
             b'Q' => {
+                // A simple Query destroys the unnamed statement and portal.
+                self.absorbed_unnamed = None;
+                self.absorbed_portal = None;
                 let sql = protocol::query_text(body);
                 self.cur_qtype = query_type(sql);
                 let mut set = None;
@@ -464,6 +482,10 @@ impl Session {
             b'P' => {
                 self.open_extended = true;
                 let named = body.first().is_some_and(|&b| b != 0);
+                if !named {
+                    self.absorbed_unnamed = None;
+                    self.absorbed_portal = None;
+                }
                 if !(named && rewrites) {
                     let mut r = body;
                     let _ = take_cstr(&mut r);
@@ -489,9 +511,10 @@ impl Session {
                                 self.skip_until_sync = true;
                                 return;
                             }
-                            Absorb::Replace(text) => {
-                                unnamed_parse(&mut self.out, &text);
-                                self.expect.push_back(Expect::Parse { swallow: false, hash: None, client: None });
+                            Absorb::Replace(_) => {
+                                // Answered here, Bind and Execute included (see `absorbed_unnamed`).
+                                self.absorbed_unnamed = Some(command_tag(sql));
+                                self.expect.push_back(Expect::Synth { msg: Synthetic::ParseComplete, undo: None });
                                 return;
                             }
                             Absorb::No => {}
@@ -518,8 +541,17 @@ impl Session {
                     self.skip_until_sync = true;
                     return;
                 }
-                if let Some(SessionCommand::Pin(what)) = prepared::classify(&p.query) {
-                    self.pin(what);
+                match &p.session {
+                    Some(SessionCommand::Pin(what)) => self.pin(what),
+                    Some(SessionCommand::Prepare) => {
+                        self.expect.push_back(Expect::Synth {
+                            msg: Synthetic::Error(sqlstate::FEATURE_NOT_SUPPORTED, PREPARE_REFUSED.into()),
+                            undo: None,
+                        });
+                        self.skip_until_sync = true;
+                        return;
+                    }
+                    _ => {}
                 }
                 self.cur_qtype = p.qtype;
                 let p = Arc::new(p);
@@ -541,6 +573,24 @@ impl Session {
             b'B' | b'D' | b'C' => {
                 self.open_extended = true;
                 let stmt = self.statement_ref(t, body);
+                if t == b'B' {
+                    if let Some(cmd @ (SessionCommand::Set { .. } | SessionCommand::Reset(_) | SessionCommand::ResetAll)) =
+                        stmt.as_ref().and_then(|p| p.session.as_ref())
+                    {
+                        self.group_set = Some(Box::new(cmd.clone()));
+                    }
+                    if let Some(tag) = self.absorbed_unnamed.filter(|_| unnamed_bind(body)) {
+                        // Binding the statement the proxy absorbed: answer for the server, and for its Execute.
+                        self.absorbed_portal = Some(tag);
+                        self.expect.push_back(Expect::Synth { msg: Synthetic::BindComplete, undo: None });
+                        return;
+                    }
+                }
+                if t == b'D' && self.absorbed_unnamed.is_some() && body.get(1) == Some(&0) {
+                    let msg = if body[0] == b'S' { Synthetic::NoParamsNoData } else { Synthetic::NoData };
+                    self.expect.push_back(Expect::Synth { msg, undo: None });
+                    return;
+                }
                 if t == b'B' && self.obs_on {
                     self.cur.bind = self.save_bind(body);
                     if let Some(p) = &stmt {
@@ -582,9 +632,13 @@ impl Session {
             }
             b'E' => {
                 self.open_extended = true;
+                self.group_exec = true;
+                if let Some(tag) = self.absorbed_portal.filter(|_| body.first() == Some(&0)) {
+                    self.expect.push_back(Expect::Synth { msg: Synthetic::Command(tag), undo: None });
+                    return;
+                }
                 self.out.extend_from_slice(frame);
                 self.expect.push_back(Expect::Execute);
-                self.group_exec = true;
             }
             b'S' => {
                 self.open_extended = false;
@@ -740,6 +794,14 @@ impl Session {
                     conn.wbuf.put_u8(if matches!(msg, Synthetic::ParseComplete) { b'1' } else { b'3' });
                     conn.wbuf.put_i32(4);
                 }
+                Synthetic::BindComplete | Synthetic::NoData => {
+                    conn.wbuf.put_u8(if matches!(msg, Synthetic::BindComplete) { b'2' } else { b'n' });
+                    conn.wbuf.put_i32(4);
+                }
+                Synthetic::NoParamsNoData => {
+                    conn.wbuf.put_slice(&[b't', 0, 0, 0, 6, 0, 0, b'n', 0, 0, 0, 4]);
+                }
+                Synthetic::Command(tag) => protocol::command_complete(&mut conn.wbuf, tag),
                 Synthetic::Error(code, m) => protocol::error_response(&mut conn.wbuf, "ERROR", code, m),
             }
             self.expect.pop_front();
