@@ -579,6 +579,10 @@ impl Session {
                     {
                         self.group_set = Some(Box::new(cmd.clone()));
                     }
+                    if body.first() == Some(&0) {
+                        // Any Bind into the unnamed portal replaces whatever the proxy absorbed there.
+                        self.absorbed_portal = None;
+                    }
                     if let Some(tag) = self.absorbed_unnamed.filter(|_| unnamed_bind(body)) {
                         // Binding the statement the proxy absorbed: answer for the server, and for its Execute.
                         self.absorbed_portal = Some(tag);
@@ -586,10 +590,16 @@ impl Session {
                         return;
                     }
                 }
-                if t == b'D' && self.absorbed_unnamed.is_some() && body.get(1) == Some(&0) {
-                    let msg = if body[0] == b'S' { Synthetic::NoParamsNoData } else { Synthetic::NoData };
-                    self.expect.push_back(Expect::Synth { msg, undo: None });
-                    return;
+                if t == b'D' && body.get(1) == Some(&0) {
+                    let msg = match body.first() {
+                        Some(b'S') if self.absorbed_unnamed.is_some() => Some(Synthetic::NoParamsNoData),
+                        Some(b'P') if self.absorbed_portal.is_some() => Some(Synthetic::NoData),
+                        _ => None,
+                    };
+                    if let Some(msg) = msg {
+                        self.expect.push_back(Expect::Synth { msg, undo: None });
+                        return;
+                    }
                 }
                 if t == b'B' && self.obs_on {
                     self.cur.bind = self.save_bind(body);
