@@ -362,6 +362,7 @@ done
 
 # ---------- header ----------
 GIT_REV=$(git -C "$REPO" rev-parse HEAD 2>/dev/null || echo unknown)
+SRC_REV=$(git -C "$REPO" log -1 --format=%h -- src Cargo.toml Cargo.lock 2>/dev/null || echo unknown)
 GIT_DIRTY=$(git -C "$REPO" status --porcelain --untracked-files=no 2>/dev/null | grep -q . && echo " (dirty)" || true)
 {
   echo "# run.sh $(date -Is)"
@@ -371,7 +372,7 @@ GIT_DIRTY=$(git -C "$REPO" status --porcelain --untracked-files=no 2>/dev/null |
   echo "# postgres: $("$PGBIN/postgres" --version)"
   echo "# pgbench: $(pgbench --version)"
   [[ " $TARGETS " == *" pgbouncer "* ]] && echo "# pgbouncer: $(pgbouncer --version | head -1)"
-  [[ " $TARGETS " == *" pgrelay"* ]] && echo "# pgrelay: commit $GIT_REV$GIT_DIRTY binary $PGRELAY_BIN sha256 $(sha256sum "$TMP/pgrelay" | cut -c1-16)"
+  [[ " $TARGETS " == *" pgrelay"* ]] && echo "# pgrelay: commit $GIT_REV$GIT_DIRTY (last src change $SRC_REV) binary $PGRELAY_BIN sha256 $(sha256sum "$TMP/pgrelay" | cut -c1-16)"
   echo "# settings: rounds=$ROUNDS duration=${DURATION}s pool=$POOL scale=$SCALE proxy->postgres=$TRANSPORT auth=md5 warmup=${WARMUP}s"
   for t in $TARGETS; do echo "# target $t port=${PORT[$t]} cpu_pid=${CPU_PID[$t]:-'(postgres tree)'}"; done
   for w in $WORKLOADS; do
