@@ -368,6 +368,7 @@ GIT_DIRTY=$(git -C "$REPO" status --porcelain --untracked-files=no 2>/dev/null |
   echo "# run.sh $(date -Is)"
   echo "# command: benches/run.sh ${ARGS[*]-}"
   echo "# host: nproc=$NCPU cpu='$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //')' kernel=$(uname -r) mem=$(free -m | awk '/^Mem:/{print $2}')MB"
+  echo "# load average at start: $(cut -d" " -f1-3 /proc/loadavg)"
   echo "# os: $(. /etc/os-release && echo "$PRETTY_NAME")"
   echo "# postgres: $("$PGBIN/postgres" --version)"
   echo "# pgbench: $(pgbench --version)"
