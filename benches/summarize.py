@@ -201,8 +201,8 @@ def summarize(d, frac):
         if 'pgrelay-noobs' in stats and 'pgrelay' in stats:
             q = paired('pgrelay-noobs', 'pgrelay')[0]
             if q:
-                notes.append(f'observability cost: pgrelay with observability on has {fmt((1 - 1 / q) * 100, 1)} % '
-                             f'lower TPS than with it off (target < 3 %)')
+                notes.append(f'observability on/off TPS: x{fmt(1 / q, 3)} ({fmt((1 / q - 1) * 100, 1)} %; target: '
+                             f'no worse than -3 %), paired over rounds')
         for row in table:
             if row['errs']:
                 notes.append(f'{row["target"]} first errors: ' + ' | '.join(e[:160] for e in row['errs'][:3]))
