@@ -278,8 +278,24 @@ fn direct_url(port: u16) -> String {
     format!("host=127.0.0.1 port={port} user=postgres password={PG_PASSWORD} dbname=postgres connect_timeout=5")
 }
 
+/// First column of the first row of a simple-protocol query.
+///
+/// The tests use the simple query protocol on purpose: tokio-postgres' `query*` prepares a named statement and
+/// executes it in a second round trip, which in transaction mode can land on another server connection, and
+/// pgrelay does not carry named statements across server connections yet (a separate bug, see the report).
+async fn simple_value(c: &tokio_postgres::Client, sql: &str) -> Result<String, tokio_postgres::Error> {
+    let msgs = c.simple_query(sql).await?;
+    Ok(msgs
+        .iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => Some(r.get(0).unwrap_or("").to_string()),
+            _ => None,
+        })
+        .unwrap_or_default())
+}
+
 async fn server_port(c: &tokio_postgres::Client) -> Result<i32, tokio_postgres::Error> {
-    c.query_one("select inet_server_port()", &[]).await.map(|r| r.get(0))
+    Ok(simple_value(c, "select inet_server_port()").await?.parse().unwrap_or(-1))
 }
 
 /// Waits (bounded) until a fresh client through pgrelay lands on `port`.
@@ -361,7 +377,6 @@ fn spawn_writers(
             tokio::spawn(async move {
                 let mut client: Option<tokio_postgres::Client> = None;
                 let mut seq: i64 = 0;
-                let sql = format!("insert into {table}(id) values ($1) returning inet_server_port()");
                 while !stop.load(Ordering::Relaxed) {
                     seq += 1;
                     let id = (w as i64 + 1) * 1_000_000_000 + seq;
@@ -371,9 +386,10 @@ fn spawn_writers(
                             client = Some(try_connect(&url).await.map_err(|e| format!("connect: {}", msg(&e)))?);
                         }
                         let c = client.as_ref().expect("client was just set");
-                        c.query_one(sql.as_str(), &[&id])
+                        let sql = format!("insert into {table}(id) values ({id}) returning inet_server_port()");
+                        simple_value(c, &sql)
                             .await
-                            .map(|r| r.get::<_, i32>(0))
+                            .map(|p| p.parse::<i32>().unwrap_or(-1))
                             .map_err(|e| msg(&e))
                     };
                     let result = match tokio::time::timeout(Duration::from_secs(10), result).await {
@@ -400,33 +416,36 @@ fn spawn_writers(
 }
 
 struct Crash {
-    /// Just before / just after the kill(1) of the leader's patroni + postgres.
-    kill_before: Instant,
-    kill_after: Instant,
+    /// When kill(1) of the leader's patroni + postgres ran (from the script's clock, mapped to an Instant).
+    killed: Instant,
     old: String,
     new: String,
     /// First /cluster poll (every 10 ms, both endpoints) that named the new leader.
     named_at: Instant,
+    named_sys: std::time::SystemTime,
 }
 
 /// Kills the leader (patroni + postmaster + children, SIGKILL) and waits for /cluster to name a new one.
 fn crash_leader(lab: &Lab) -> Crash {
     let old = lab.leader().expect("a leader before the crash");
-    let kill_before = Instant::now();
+    let (sys0, inst0) = (std::time::SystemTime::now(), Instant::now());
     let out = lab.sh("ha.sh", &["kill-leader"]);
-    let kill_after = Instant::now();
-    assert!(out.contains(&format!("KILLED {old}")), "{out}");
+    let line = out.lines().find(|l| l.starts_with("KILLED ")).unwrap_or_else(|| panic!("{out}"));
+    assert!(line.starts_with(&format!("KILLED {old} ")), "{out}");
+    let epoch: f64 = line.rsplit(' ').next().unwrap().parse().expect("epoch");
+    let at = std::time::UNIX_EPOCH + Duration::from_secs_f64(epoch);
+    let killed = inst0 + at.duration_since(sys0).unwrap_or_default();
     let deadline = Instant::now() + Duration::from_secs(40);
     loop {
         if let Some(c) = lab.cluster() {
             if let Some(l) = leader_of(&c) {
                 if l != old {
                     return Crash {
-                        kill_before,
-                        kill_after,
+                        killed,
                         old,
                         new: l,
                         named_at: Instant::now(),
+                        named_sys: std::time::SystemTime::now(),
                     };
                 }
             }
@@ -434,6 +453,36 @@ fn crash_leader(lab: &Lab) -> Crash {
         assert!(Instant::now() < deadline, "no new leader within 40 s of killing {old}");
         std::thread::sleep(Duration::from_millis(10));
     }
+}
+
+/// Milliseconds from `since` to the first pgrelay log line (UTC RFC 3339 timestamp) containing every needle.
+fn log_line_after(log: &str, needles: &[&str], since: std::time::SystemTime) -> Option<f64> {
+    let since = since.duration_since(std::time::UNIX_EPOCH).ok()?.as_secs_f64();
+    log.lines().filter(|l| needles.iter().all(|n| l.contains(n))).find_map(|l| {
+        let clean: String = strip_ansi(l);
+        let ts = clean.split_whitespace().next()?;
+        let out = Command::new("date").args(["-u", "-d", ts, "+%s.%N"]).output().ok()?;
+        let t: f64 = String::from_utf8_lossy(&out.stdout).trim().parse().ok()?;
+        (t >= since - 5.0).then_some((t - since) * 1000.0)
+    })
+}
+
+/// pgrelay colours its log even into a file; drop the escape sequences before reading it.
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut it = s.chars().peekable();
+    while let Some(c) = it.next() {
+        if c == '\u{1b}' {
+            for d in it.by_ref() {
+                if d.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 fn ms(d: Duration) -> f64 {
@@ -467,8 +516,7 @@ async fn a_leader_discovery() {
         .await
         .expect("write through pgrelay");
     assert_eq!(server_port(&c).await.unwrap(), port as i32);
-    let in_recovery: bool = c.query_one("select pg_is_in_recovery()", &[]).await.unwrap().get(0);
-    assert!(!in_recovery);
+    assert_eq!(simple_value(&c, "select pg_is_in_recovery()").await.unwrap(), "f");
 
     let show = admin(&r, "show cluster");
     eprintln!("SHOW CLUSTER:\n{show}");
@@ -512,7 +560,7 @@ async fn b_switchover_under_pgbench_zero_errors() {
     eprintln!("---- pgbench ----\n{out}");
     let processed = number_after(&out, "number of transactions actually processed:").unwrap_or(0);
     let failed = number_after(&out, "number of failed transactions:");
-    let aborted = out.lines().filter(|l| l.contains("aborted")).count();
+    let aborted = out.lines().filter(|l| l.contains("error: client ") && l.contains(" aborted")).count();
     eprintln!("switchover under load: processed={processed} failed={failed:?} aborted_clients={aborted}");
 
     // Writes land on the new leader afterwards, through the same pgrelay.
@@ -523,16 +571,17 @@ async fn b_switchover_under_pgbench_zero_errors() {
         .await
         .unwrap();
     assert_eq!(server_port(&c).await.unwrap(), new_port as i32);
-    let history: i64 = connect(&direct_url(new_port))
-        .await
-        .query_one("select count(*) from pgbench_history", &[])
+    let history: i64 = simple_value(&connect(&direct_url(new_port)).await, "select count(*) from pgbench_history")
         .await
         .unwrap()
-        .get(0);
+        .parse()
+        .unwrap();
     let changes = leader_changes(&r) - changes_before;
     eprintln!("pgbench_history on the new leader: {history} rows; leader changes counted: {changes}");
-    for l in r.log().lines().filter(|l| l.contains("routing to new leader") || l.contains("no running leader")) {
-        eprintln!("pgrelay: {l}");
+    for l in r.log().lines().filter(|l| {
+        l.contains("routing to new leader") || l.contains("no running leader") || l.contains("no server for client")
+    }) {
+        eprintln!("pgrelay: {}", strip_ansi(l));
     }
 
     assert!(ok, "pgbench exited with an error (a client aborted?):\n{out}");
@@ -561,6 +610,20 @@ async fn c_crash_failover_reroute_time() {
     let stop = Arc::new(AtomicBool::new(false));
     let attempts = Arc::new(Mutex::new(Vec::new()));
     let tasks = spawn_writers(relay_url(&r), "crash_t", 4, stop.clone(), attempts.clone());
+    // Direct connection to the candidate: when does PostgreSQL itself leave recovery (Patroni's promotion)?
+    let candidate = connect(&direct_url(lab.node_pg_port(lab.other(&old)))).await;
+    let writable = tokio::spawn(async move {
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(40) {
+            if let Ok(v) = simple_value(&candidate, "select pg_is_in_recovery()").await {
+                if v == "f" {
+                    return Some(Instant::now());
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        None
+    });
     tokio::time::sleep(Duration::from_secs(2)).await;
 
     let crash = tokio::task::block_in_place(|| crash_leader(lab));
@@ -588,18 +651,31 @@ async fn c_crash_failover_reroute_time() {
     let first_new = all.iter().filter(|a| a.result == Ok(new_port)).map(|a| a.end).min();
     let failures: Vec<&Attempt> = all.iter().filter(|a| a.result.is_err()).collect();
     // In flight = started before the kill and not finished before it.
-    let (in_flight, later): (Vec<&Attempt>, Vec<&Attempt>) = failures.iter().partition(|a| a.start < crash.kill_after);
+    let (in_flight, later): (Vec<&Attempt>, Vec<&Attempt>) = failures.iter().partition(|a| a.start < crash.killed);
     let ok_total = all.iter().filter(|a| a.result.is_ok()).count();
     eprintln!(
         "crash failover {} -> {}: /cluster named the new leader {:.0} ms after the kill",
         crash.old,
         crash.new,
-        delta_ms(crash.kill_before, crash.named_at)
+        delta_ms(crash.killed, crash.named_at)
     );
     let reroute = first_new.map(|t| delta_ms(crash.named_at, t));
+    let writable_at = writable.await.unwrap();
+    let relay_log = r.log();
+    let routed_ms = log_line_after(
+        &relay_log,
+        &["routing to new leader", &format!("leader=127.0.0.1:{new_port}")],
+        crash.named_sys,
+    );
+    let fmt = |v: Option<f64>| v.map_or("n/a".to_string(), |v| format!("{v:.0} ms"));
     eprintln!(
-        "RE-ROUTE: first write through pgrelay committed on the new leader {} ms after /cluster named it",
-        reroute.map_or("never".to_string(), |v| format!("{v:.0}"))
+        "RE-ROUTE: first write through pgrelay committed on the new leader {} after /cluster named it \
+         (pgrelay logged \"routing to new leader\" at {}, PostgreSQL left recovery at {}, \
+         first pgrelay write {} after that)",
+        fmt(reroute),
+        fmt(routed_ms),
+        fmt(writable_at.map(|w| delta_ms(crash.named_at, w))),
+        fmt(writable_at.zip(first_new).map(|(w, f)| delta_ms(w, f)))
     );
     eprintln!(
         "attempts: {} ok, {} failed ({} in flight at the kill, {} started after it)",
@@ -611,7 +687,7 @@ async fn c_crash_failover_reroute_time() {
     let mut kinds: Vec<(String, usize, f64, f64)> = Vec::new();
     for a in &later {
         let e = a.result.clone().unwrap_err();
-        let t = delta_ms(crash.kill_before, a.start);
+        let t = delta_ms(crash.killed, a.start);
         match kinds.iter_mut().find(|k| k.0 == e) {
             Some(k) => {
                 k.1 += 1;
@@ -623,8 +699,8 @@ async fn c_crash_failover_reroute_time() {
     for (e, n, first, last) in &kinds {
         eprintln!("  after-kill failure x{n} (started {first:.0}..{last:.0} ms after the kill): {e}");
     }
-    for l in r.log().lines().filter(|l| l.contains("routing to new leader") || l.contains("leader changed")) {
-        eprintln!("pgrelay: {l}");
+    for l in relay_log.lines().filter(|l| l.contains("routing to new leader") || l.contains("leader changed")) {
+        eprintln!("pgrelay: {}", strip_ansi(l));
     }
 
     // Rejoin the killed node before asserting, so later tests get a healthy cluster even if this one fails.
@@ -701,11 +777,14 @@ async fn d_ledger_sync_mode_no_lost_commits() {
     let unknown: Vec<i64> = all.iter().filter(|a| a.result.is_err()).map(|a| a.id).collect();
     let present: HashSet<i64> = connect(&direct_url(new_port as u16))
         .await
-        .query("select id from ledger", &[])
+        .simple_query("select id from ledger")
         .await
         .unwrap()
         .iter()
-        .map(|r| r.get(0))
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0)?.parse().ok(),
+            _ => None,
+        })
         .collect();
     let missing: Vec<i64> = acked.iter().copied().filter(|id| !present.contains(id)).collect();
     let unknown_present = unknown.iter().filter(|id| present.contains(id)).count();
@@ -765,9 +844,9 @@ async fn e_rest_down_keeps_last_leader() {
             handles.push(tokio::spawn(async move {
                 let c = try_connect(&url).await.map_err(|e| msg(&e))?;
                 c.batch_execute("create table if not exists rest_down(x int)").await.map_err(|e| msg(&e))?;
-                c.query_one("select pg_sleep(0.1), inet_server_port()", &[])
+                simple_value(&c, "select inet_server_port() from pg_sleep(0.1)")
                     .await
-                    .map(|r| r.get::<_, i32>(1))
+                    .map(|p| p.parse::<i32>().unwrap_or(-1))
                     .map_err(|e| format!("{round}/{i}: {}", msg(&e)))
             }));
         }
@@ -785,7 +864,7 @@ async fn e_rest_down_keeps_last_leader() {
     eprintln!("{ok} writes succeeded with every patroni stopped for {:.1} s; SHOW CLUSTER:\n{show}", stopped_for.as_secs_f64());
     let said = r.log().lines().filter(|l| l.contains("unreachable")).map(str::to_string).collect::<Vec<_>>();
     for l in &said {
-        eprintln!("pgrelay: {l}");
+        eprintln!("pgrelay: {}", strip_ansi(l));
     }
     let metric_lines: Vec<&str> = metrics
         .lines()
