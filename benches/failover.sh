@@ -130,7 +130,7 @@ def num(label):
     m = re.search(re.escape(label) + r'\s*(\d+)', out)
     return int(m.group(1)) if m else None
 processed, failed = num('number of transactions actually processed:'), num('number of failed transactions:')
-aborted = len(re.findall(r'client \d+ aborted', out))
+aborted = len(re.findall(r'client \d+ (?:script \d+ )?aborted', out))
 errs = sorted(set(l.strip() for l in out.splitlines() if 'ERROR' in l or 'FATAL' in l or 'aborted' in l or 'error' in l.lower()))
 lat, n = 0, 0
 for f in glob.glob(d + '/tx.*'):
