@@ -40,7 +40,7 @@ timeout 120 pgbench -i -q -s 2 -h 127.0.0.1 -p "$(pg_port "${leader#node}")" -U 
 cat >"$OUT/probe.py" <<'PY'
 import json, sys, threading, time, urllib.request
 import psycopg2
-dur, out, relay_port, rest_ports = float(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4:]
+dur, out, relay_port, cand_port, rest_ports = float(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5:]
 events, lock, stop = [], threading.Lock(), time.time() + dur
 def rec(**kw):
     with lock:
@@ -81,7 +81,24 @@ def writer():
                 pass
             conn = None
         time.sleep(0.02)
-ts = [threading.Thread(target=cluster), threading.Thread(target=writer)]
+def promoted():
+    # Direct connection to the candidate: when does PostgreSQL itself accept writes (Patroni's promotion)?
+    conn = None
+    while time.time() < stop:
+        try:
+            if conn is None:
+                conn = psycopg2.connect(host='127.0.0.1', port=cand_port, user='postgres', password='postgres',
+                                        dbname='postgres', connect_timeout=2)
+                conn.autocommit = True
+            with conn.cursor() as c:
+                c.execute('select pg_is_in_recovery()')
+                if c.fetchone()[0] is False:
+                    rec(kind='writable', t=time.time())
+                    return
+        except Exception:
+            conn = None
+        time.sleep(0.005)
+ts = [threading.Thread(target=cluster), threading.Thread(target=writer), threading.Thread(target=promoted)]
 [t.start() for t in ts]
 [t.join() for t in ts]
 with open(out, 'w') as f:
@@ -101,7 +118,8 @@ run_event() {
   new=$([ "$old" = node1 ] && echo node2 || echo node1)
   log "== $ev: $old -> $new; pgbench -c $CLIENTS -j 2 -T $SECS through pgrelay, event at ${EVENT_AT} s"
   local relay_lines; relay_lines=$(wc -l <"$RELAY_LOG")
-  /usr/bin/python3 "$OUT/probe.py" $((SECS + 4)) "$dir/probe.jsonl" "$RELAY_PORT" "$(rest_port 1)" "$(rest_port 2)" &
+  /usr/bin/python3 "$OUT/probe.py" $((SECS + 4)) "$dir/probe.jsonl" "$RELAY_PORT" "$(pg_port "${new#node}")" \
+    "$(rest_port 1)" "$(rest_port 2)" &
   probe_pid=$!
   (cd "$dir" && exec timeout $((SECS + 60)) pgbench -c "$CLIENTS" -j 2 -T "$SECS" -P 1 -l --log-prefix=tx \
       -h 127.0.0.1 -p "$RELAY_PORT" -U postgres postgres >"$dir/pgbench.out" 2>&1) &
@@ -142,6 +160,7 @@ for f in glob.glob(d + '/tx.*'):
 ev_log = [json.loads(l) for l in open(d + '/probe.jsonl')]
 named = next((e['t'] for e in ev_log if e['kind'] == 'cluster' and e['leader'] == new and e['t'] >= t_ev), None)
 first = min((e['end'] for e in ev_log if e['kind'] == 'write' and e.get('port') == new_port and e['t'] >= t_ev), default=None)
+writable = next((e['t'] for e in ev_log if e['kind'] == 'writable'), None)
 perr = [e for e in ev_log if e['kind'] == 'write' and 'error' in e]
 kinds = {}
 for e in perr:
@@ -155,12 +174,15 @@ print('longest transaction (pgbench -l, %d transactions): %.0f ms' % (n, lat / 1
 f = lambda a, b: '%.0f ms' % ((b - a) * 1000) if a is not None and b is not None else 'n/a'
 print('event -> /cluster names %s: %s' % (new, f(t_ev, named)))
 print('/cluster names %s -> pgrelay "routing to new leader": %s' % (new, f(named, float(route) if route else None)))
-print('/cluster names %s -> first probe write committed on it via pgrelay: %s' % (new, f(named, first)))
+print('/cluster names %s -> PostgreSQL on %s leaves recovery (direct probe): %s' % (new, new, f(named, writable)))
+print('/cluster names %s -> first probe write committed on it via pgrelay: %s (%s after PostgreSQL became writable)'
+      % (new, f(named, first), f(writable, first)))
 json.dump(dict(event=ev, new=new, pgbench_exit=rc, processed=processed, failed=failed, aborted=aborted,
                probe_errors=len(perr), longest_ms=lat / 1000.0,
                cluster_after_event_ms=(named - t_ev) * 1000 if named else None,
                route_after_cluster_ms=(float(route) - named) * 1000 if (route and named) else None,
-               first_write_after_cluster_ms=(first - named) * 1000 if (first and named) else None),
+               first_write_after_cluster_ms=(first - named) * 1000 if (first and named) else None,
+               writable_after_cluster_ms=(writable - named) * 1000 if (writable and named) else None),
           open(d + '/summary.json', 'w'))
 PY
 }
