@@ -95,11 +95,7 @@ impl Lab {
         self.env(&mut c);
         let out = c.output().expect("run lab script");
         let text = String::from_utf8_lossy(&out.stdout).to_string();
-        assert!(
-            out.status.success(),
-            "{script} {args:?} failed:\n{text}{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert!(out.status.success(), "{script} {args:?} failed:\n{text}{}", String::from_utf8_lossy(&out.stderr));
         text
     }
 
@@ -107,25 +103,13 @@ impl Lab {
     fn ready(&self) {
         let t0 = Instant::now();
         let out = self.sh("up.sh", &[]);
-        let ready = out
-            .lines()
-            .rev()
-            .find(|l| l.starts_with("READY"))
-            .unwrap_or("");
-        eprintln!(
-            "[lab] {ready} (up.sh took {:.1} s)",
-            t0.elapsed().as_secs_f64()
-        );
+        let ready = out.lines().rev().find(|l| l.starts_with("READY")).unwrap_or("");
+        eprintln!("[lab] {ready} (up.sh took {:.1} s)", t0.elapsed().as_secs_f64());
     }
 
     fn patronictl(&self, args: &[&str]) -> String {
         let conf = self.dir.join("conf/patroni1.yml");
-        let out = Command::new("/usr/bin/patronictl")
-            .arg("-c")
-            .arg(conf)
-            .args(args)
-            .output()
-            .expect("patronictl");
+        let out = Command::new("/usr/bin/patronictl").arg("-c").arg(conf).args(args).output().expect("patronictl");
         assert!(
             out.status.success(),
             "patronictl {args:?}: {}{}",
@@ -167,11 +151,7 @@ impl Lab {
     fn patroni_pids(&self) -> Vec<u32> {
         (1..=2)
             .filter_map(|n| {
-                std::fs::read_to_string(self.dir.join(format!("run/patroni{n}.pid")))
-                    .ok()?
-                    .trim()
-                    .parse()
-                    .ok()
+                std::fs::read_to_string(self.dir.join(format!("run/patroni{n}.pid"))).ok()?.trim().parse().ok()
             })
             .collect()
     }
@@ -181,13 +161,7 @@ impl Lab {
         c.arg("--wipe");
         self.env(&mut c);
         match c.output() {
-            Ok(o) => eprint!(
-                "[lab] {}",
-                String::from_utf8_lossy(&o.stdout)
-                    .lines()
-                    .last()
-                    .unwrap_or("")
-            ),
+            Ok(o) => eprint!("[lab] {}", String::from_utf8_lossy(&o.stdout).lines().last().unwrap_or("")),
             Err(e) => eprintln!("[lab] down.sh failed: {e}"),
         }
         eprintln!();
@@ -203,8 +177,7 @@ extern "C" fn teardown_at_exit() {
 
 fn leader_of(cluster: &serde_json::Value) -> Option<String> {
     cluster["members"].as_array()?.iter().find_map(|m| {
-        (m["role"] == "leader" && m["state"] == "running")
-            .then(|| m["name"].as_str().unwrap_or("").to_string())
+        (m["role"] == "leader" && m["state"] == "running").then(|| m["name"].as_str().unwrap_or("").to_string())
     })
 }
 
@@ -217,13 +190,7 @@ async fn lab() -> (&'static Lab, tokio::sync::MutexGuard<'static, ()>) {
         let dir = std::env::temp_dir().join(format!("pgrelay-patroni-test-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        let lab = Lab {
-            dir,
-            etcd_port: p[0],
-            etcd_peer_port: p[1],
-            pg_ports: [p[2], p[3]],
-            rest_ports: [p[4], p[5]],
-        };
+        let lab = Lab { dir, etcd_port: p[0], etcd_peer_port: p[1], pg_ports: [p[2], p[3]], rest_ports: [p[4], p[5]] };
         // SAFETY: registering a plain extern "C" fn with atexit has no preconditions.
         unsafe { libc::atexit(teardown_at_exit) };
         eprintln!(
@@ -261,10 +228,7 @@ fn http_get(port: u16, path: &str, timeout: Duration) -> Option<String> {
 fn start_relay(lab: &Lab) -> Relay {
     let port = free_port();
     let metrics_port = free_port();
-    let dir = tempfile::Builder::new()
-        .prefix("pgrelay-patroni-")
-        .tempdir()
-        .expect("tempdir");
+    let dir = tempfile::Builder::new().prefix("pgrelay-patroni-").tempdir().expect("tempdir");
     std::fs::write(
         dir.path().join("userlist.txt"),
         format!("\"postgres\" \"{PG_PASSWORD}\"\n\"pgrelay\" \"{ADMIN_PASSWORD}\"\n"),
@@ -279,12 +243,7 @@ fn start_relay(lab: &Lab) -> Relay {
         lab.rest_ports[0], lab.rest_ports[1]
     );
     std::fs::write(dir.path().join("proxy.toml"), cfg).unwrap();
-    let mut r = Relay {
-        port,
-        metrics_port,
-        dir,
-        child: None,
-    };
+    let mut r = Relay { port, metrics_port, dir, child: None };
     r.spawn();
     r
 }
@@ -303,10 +262,7 @@ fn direct_url(port: u16) -> String {
 /// executes it in a second round trip, which in transaction mode can land on another server connection, and
 /// pgrelay does not carry named statements across server connections
 /// yet (seen here as `prepared statement "s2858" does not exist` with six concurrent clients).
-async fn simple_value(
-    c: &tokio_postgres::Client,
-    sql: &str,
-) -> Result<String, tokio_postgres::Error> {
+async fn simple_value(c: &tokio_postgres::Client, sql: &str) -> Result<String, tokio_postgres::Error> {
     let msgs = c.simple_query(sql).await?;
     Ok(msgs
         .iter()
@@ -318,10 +274,7 @@ async fn simple_value(
 }
 
 async fn server_port(c: &tokio_postgres::Client) -> Result<i32, tokio_postgres::Error> {
-    Ok(simple_value(c, "select inet_server_port()")
-        .await?
-        .parse()
-        .unwrap_or(-1))
+    Ok(simple_value(c, "select inet_server_port()").await?.parse().unwrap_or(-1))
 }
 
 /// Waits (bounded) until a fresh client through pgrelay lands on `port`.
@@ -340,15 +293,11 @@ async fn wait_routed_to(r: &Relay, port: u16, within: Duration) {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    panic!(
-        "pgrelay did not route to port {port} within {within:?}: {last}\n{}",
-        r.log()
-    );
+    panic!("pgrelay did not route to port {port} within {within:?}: {last}\n{}", r.log());
 }
 
 fn admin(r: &Relay, sql: &str) -> String {
-    psql_at(r.port, "pgrelay", ADMIN_PASSWORD, "pgrelay", sql)
-        .unwrap_or_else(|e| panic!("admin {sql}: {e}"))
+    psql_at(r.port, "pgrelay", ADMIN_PASSWORD, "pgrelay", sql).unwrap_or_else(|e| panic!("admin {sql}: {e}"))
 }
 
 fn leader_changes(r: &Relay) -> f64 {
@@ -361,29 +310,14 @@ fn leader_changes(r: &Relay) -> f64 {
 
 /// pgbench with the cluster's password; returns (output, exit success).
 fn pgbench(args: &[&str]) -> (String, bool) {
-    let out = Command::new("pgbench")
-        .args(args)
-        .env("PGPASSWORD", PG_PASSWORD)
-        .output()
-        .expect("pgbench");
-    (
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-        out.status.success(),
-    )
+    let out = Command::new("pgbench").args(args).env("PGPASSWORD", PG_PASSWORD).output().expect("pgbench");
+    (format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)), out.status.success())
 }
 
 fn number_after(text: &str, label: &str) -> Option<u64> {
     let line = text.lines().find(|l| l.contains(label))?;
     let rest = &line[line.find(label)? + label.len()..];
-    rest.trim()
-        .split(|c: char| !c.is_ascii_digit())
-        .next()?
-        .parse()
-        .ok()
+    rest.trim().split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -421,20 +355,11 @@ fn spawn_writers(
                     let start = Instant::now();
                     let result = async {
                         if client.as_ref().is_none_or(|c| c.is_closed()) {
-                            client = Some(
-                                try_connect(&url)
-                                    .await
-                                    .map_err(|e| format!("connect: {}", msg(&e)))?,
-                            );
+                            client = Some(try_connect(&url).await.map_err(|e| format!("connect: {}", msg(&e)))?);
                         }
                         let c = client.as_ref().expect("client was just set");
-                        let sql = format!(
-                            "insert into {table}(id) values ({id}) returning inet_server_port()"
-                        );
-                        simple_value(c, &sql)
-                            .await
-                            .map(|p| p.parse::<i32>().unwrap_or(-1))
-                            .map_err(|e| msg(&e))
+                        let sql = format!("insert into {table}(id) values ({id}) returning inet_server_port()");
+                        simple_value(c, &sql).await.map(|p| p.parse::<i32>().unwrap_or(-1)).map_err(|e| msg(&e))
                     };
                     let result = match tokio::time::timeout(Duration::from_secs(10), result).await {
                         Ok(r) => r,
@@ -444,12 +369,7 @@ fn spawn_writers(
                     if failed {
                         client = None;
                     }
-                    log.lock().unwrap().push(Attempt {
-                        id,
-                        start,
-                        end: Instant::now(),
-                        result,
-                    });
+                    log.lock().unwrap().push(Attempt { id, start, end: Instant::now(), result });
                     if failed {
                         tokio::time::sleep(Duration::from_millis(10)).await;
                     }
@@ -474,10 +394,7 @@ fn crash_leader(lab: &Lab) -> Crash {
     let old = lab.leader().expect("a leader before the crash");
     let (sys0, inst0) = (std::time::SystemTime::now(), Instant::now());
     let out = lab.sh("ha.sh", &["kill-leader"]);
-    let line = out
-        .lines()
-        .find(|l| l.starts_with("KILLED "))
-        .unwrap_or_else(|| panic!("{out}"));
+    let line = out.lines().find(|l| l.starts_with("KILLED ")).unwrap_or_else(|| panic!("{out}"));
     assert!(line.starts_with(&format!("KILLED {old} ")), "{out}");
     let epoch: f64 = line.rsplit(' ').next().unwrap().parse().expect("epoch");
     let at = std::time::UNIX_EPOCH + Duration::from_secs_f64(epoch);
@@ -497,32 +414,20 @@ fn crash_leader(lab: &Lab) -> Crash {
                 }
             }
         }
-        assert!(
-            Instant::now() < deadline,
-            "no new leader within 40 s of killing {old}"
-        );
+        assert!(Instant::now() < deadline, "no new leader within 40 s of killing {old}");
         std::thread::sleep(Duration::from_millis(10));
     }
 }
 
 /// Milliseconds from `since` to the first pgrelay log line (UTC RFC 3339 timestamp) containing every needle.
 fn log_line_after(log: &str, needles: &[&str], since: std::time::SystemTime) -> Option<f64> {
-    let since = since
-        .duration_since(std::time::UNIX_EPOCH)
-        .ok()?
-        .as_secs_f64();
-    log.lines()
-        .map(strip_ansi)
-        .filter(|l| needles.iter().all(|n| l.contains(n)))
-        .find_map(|l| {
-            let ts = l.split_whitespace().next()?;
-            let out = Command::new("date")
-                .args(["-u", "-d", ts, "+%s.%N"])
-                .output()
-                .ok()?;
-            let t: f64 = String::from_utf8_lossy(&out.stdout).trim().parse().ok()?;
-            (t >= since - 5.0).then_some((t - since) * 1000.0)
-        })
+    let since = since.duration_since(std::time::UNIX_EPOCH).ok()?.as_secs_f64();
+    log.lines().map(strip_ansi).filter(|l| needles.iter().all(|n| l.contains(n))).find_map(|l| {
+        let ts = l.split_whitespace().next()?;
+        let out = Command::new("date").args(["-u", "-d", ts, "+%s.%N"]).output().ok()?;
+        let t: f64 = String::from_utf8_lossy(&out.stdout).trim().parse().ok()?;
+        (t >= since - 5.0).then_some((t - since) * 1000.0)
+    })
 }
 
 /// pgrelay colours its log even into a file; drop the escape sequences before reading it.
@@ -570,39 +475,23 @@ async fn a_leader_discovery() {
     wait_routed_to(&r, port, Duration::from_secs(10)).await;
 
     let c = connect(&relay_url(&r)).await;
-    c.batch_execute(
-        "create table if not exists discovery(x int); insert into discovery values (1)",
-    )
-    .await
-    .expect("write through pgrelay");
+    c.batch_execute("create table if not exists discovery(x int); insert into discovery values (1)")
+        .await
+        .expect("write through pgrelay");
     assert_eq!(server_port(&c).await.unwrap(), port as i32);
-    assert_eq!(
-        simple_value(&c, "select pg_is_in_recovery()")
-            .await
-            .unwrap(),
-        "f"
-    );
+    assert_eq!(simple_value(&c, "select pg_is_in_recovery()").await.unwrap(), "f");
 
     let show = admin(&r, "show cluster");
     eprintln!("SHOW CLUSTER:\n{show}");
     let rows: Vec<Vec<&str>> = show.lines().map(|l| l.split('|').collect()).collect();
     assert_eq!(rows.len(), 2, "{show}");
     for (node, role) in [(leader.as_str(), "leader"), (lab.other(&leader), "replica")] {
-        let row = rows
-            .iter()
-            .find(|r| r[1] == node)
-            .unwrap_or_else(|| panic!("{node} missing: {show}"));
+        let row = rows.iter().find(|r| r[1] == node).unwrap_or_else(|| panic!("{node} missing: {show}"));
         assert_eq!(row[3], lab.node_pg_port(node).to_string(), "{show}");
         assert!(row[4].contains(role), "{node} should be {role}: {show}");
-        assert_eq!(
-            row[8],
-            if role == "leader" { "true" } else { "false" },
-            "routed column: {show}"
-        );
+        assert_eq!(row[8], if role == "leader" { "true" } else { "false" }, "routed column: {show}");
     }
-    assert!(r
-        .http_get("/metrics")
-        .contains("pgrelay_leader_changes_total"));
+    assert!(r.http_get("/metrics").contains("pgrelay_leader_changes_total"));
 }
 
 /// (b) `patronictl switchover` in the middle of pgbench through pgrelay: zero failed transactions by pgbench's
@@ -617,19 +506,8 @@ async fn b_switchover_under_pgbench_zero_errors() {
     wait_routed_to(&r, old_port, Duration::from_secs(10)).await;
     let relay_port = r.port.to_string();
 
-    let (out, ok) = pgbench(&[
-        "-i",
-        "-q",
-        "-s",
-        "2",
-        "-h",
-        "127.0.0.1",
-        "-p",
-        &old_port.to_string(),
-        "-U",
-        "postgres",
-        "postgres",
-    ]);
+    let (out, ok) =
+        pgbench(&["-i", "-q", "-s", "2", "-h", "127.0.0.1", "-p", &old_port.to_string(), "-U", "postgres", "postgres"]);
     assert!(ok, "pgbench -i: {out}");
     let changes_before = leader_changes(&r);
 
@@ -655,21 +533,13 @@ async fn b_switchover_under_pgbench_zero_errors() {
     std::thread::sleep(Duration::from_secs(5));
     let t_sw = Instant::now();
     lab.sh("ha.sh", &["switchover"]);
-    eprintln!(
-        "patronictl switchover {old} -> {new} returned after {:.2} s",
-        t_sw.elapsed().as_secs_f64()
-    );
+    eprintln!("patronictl switchover {old} -> {new} returned after {:.2} s", t_sw.elapsed().as_secs_f64());
     let (out, ok) = bench.join().unwrap();
     eprintln!("---- pgbench ----\n{out}");
     let processed = number_after(&out, "number of transactions actually processed:").unwrap_or(0);
     let failed = number_after(&out, "number of failed transactions:");
-    let aborted = out
-        .lines()
-        .filter(|l| l.contains("error: client ") && l.contains(" aborted"))
-        .count();
-    eprintln!(
-        "switchover under load: processed={processed} failed={failed:?} aborted_clients={aborted}"
-    );
+    let aborted = out.lines().filter(|l| l.contains("error: client ") && l.contains(" aborted")).count();
+    eprintln!("switchover under load: processed={processed} failed={failed:?} aborted_clients={aborted}");
 
     // Writes land on the new leader afterwards, through the same pgrelay.
     let new_port = lab.node_pg_port(new);
@@ -679,41 +549,24 @@ async fn b_switchover_under_pgbench_zero_errors() {
         .await
         .unwrap();
     assert_eq!(server_port(&c).await.unwrap(), new_port as i32);
-    let history: i64 = simple_value(
-        &connect(&direct_url(new_port)).await,
-        "select count(*) from pgbench_history",
-    )
-    .await
-    .unwrap()
-    .parse()
-    .unwrap();
+    let history: i64 = simple_value(&connect(&direct_url(new_port)).await, "select count(*) from pgbench_history")
+        .await
+        .unwrap()
+        .parse()
+        .unwrap();
     let changes = leader_changes(&r) - changes_before;
-    eprintln!(
-        "pgbench_history on the new leader: {history} rows; leader changes counted: {changes}"
-    );
+    eprintln!("pgbench_history on the new leader: {history} rows; leader changes counted: {changes}");
     for l in r.log().lines().filter(|l| {
-        l.contains("routing to new leader")
-            || l.contains("no running leader")
-            || l.contains("no server for client")
+        l.contains("routing to new leader") || l.contains("no running leader") || l.contains("no server for client")
     }) {
         eprintln!("pgrelay: {}", strip_ansi(l));
     }
 
-    assert!(
-        ok,
-        "pgbench exited with an error (a client aborted?):\n{out}"
-    );
+    assert!(ok, "pgbench exited with an error (a client aborted?):\n{out}");
     assert!(processed > 0, "{out}");
-    assert_eq!(
-        failed,
-        Some(0),
-        "pgbench counted failed transactions:\n{out}"
-    );
+    assert_eq!(failed, Some(0), "pgbench counted failed transactions:\n{out}");
     assert_eq!(aborted, 0, "pgbench clients aborted:\n{out}");
-    assert_eq!(
-        history as u64, processed,
-        "every transaction pgbench counted must be on the new leader"
-    );
+    assert_eq!(history as u64, processed, "every transaction pgbench counted must be on the new leader");
     assert!(changes >= 1.0, "pgrelay_leader_changes_total did not move");
 }
 
@@ -773,15 +626,10 @@ async fn c_crash_failover_reroute_time() {
     }
 
     let all = attempts.lock().unwrap().clone();
-    let first_new = all
-        .iter()
-        .filter(|a| a.result == Ok(new_port))
-        .map(|a| a.end)
-        .min();
+    let first_new = all.iter().filter(|a| a.result == Ok(new_port)).map(|a| a.end).min();
     let failures: Vec<&Attempt> = all.iter().filter(|a| a.result.is_err()).collect();
     // In flight = started before the kill and not finished before it.
-    let (in_flight, later): (Vec<&Attempt>, Vec<&Attempt>) =
-        failures.iter().partition(|a| a.start < crash.killed);
+    let (in_flight, later): (Vec<&Attempt>, Vec<&Attempt>) = failures.iter().partition(|a| a.start < crash.killed);
     let ok_total = all.iter().filter(|a| a.result.is_ok()).count();
     eprintln!(
         "crash failover {} -> {}: /cluster named the new leader {:.0} ms after the kill",
@@ -794,10 +642,7 @@ async fn c_crash_failover_reroute_time() {
     let relay_log = r.log();
     let routed_ms = log_line_after(
         &relay_log,
-        &[
-            "routing to new leader",
-            &format!("leader=127.0.0.1:{new_port}"),
-        ],
+        &["routing to new leader", &format!("leader=127.0.0.1:{new_port}")],
         crash.named_sys,
     );
     let fmt = |v: Option<f64>| v.map_or("n/a".to_string(), |v| format!("{v:.0} ms"));
@@ -830,14 +675,9 @@ async fn c_crash_failover_reroute_time() {
         }
     }
     for (e, n, first, last) in &kinds {
-        eprintln!(
-            "  after-kill failure x{n} (started {first:.0}..{last:.0} ms after the kill): {e}"
-        );
+        eprintln!("  after-kill failure x{n} (started {first:.0}..{last:.0} ms after the kill): {e}");
     }
-    for l in relay_log
-        .lines()
-        .filter(|l| l.contains("routing to new leader") || l.contains("leader changed"))
-    {
+    for l in relay_log.lines().filter(|l| l.contains("routing to new leader") || l.contains("leader changed")) {
         eprintln!("pgrelay: {}", strip_ansi(l));
     }
 
@@ -845,10 +685,7 @@ async fn c_crash_failover_reroute_time() {
     tokio::task::block_in_place(|| lab.ready());
 
     let reroute = reroute.expect("no write ever committed on the new leader through pgrelay");
-    assert!(
-        reroute < 1000.0,
-        "re-route took {reroute:.0} ms (target < 300 ms)"
-    );
+    assert!(reroute < 1000.0, "re-route took {reroute:.0} ms (target < 300 ms)");
     assert!(
         later.is_empty(),
         "{} transactions that started after the kill failed (only in-flight ones may): {:?}",
@@ -869,8 +706,7 @@ async fn d_ledger_sync_mode_no_lost_commits() {
             // Back to the default for the other tests (bounded by up.sh's READY_TIMEOUT).
             let _ = std::panic::catch_unwind(|| {
                 self.0.ready();
-                self.0
-                    .patronictl(&["edit-config", "--set", "synchronous_mode=false", "--force"]);
+                self.0.patronictl(&["edit-config", "--set", "synchronous_mode=false", "--force"]);
             });
         }
     }
@@ -878,14 +714,7 @@ async fn d_ledger_sync_mode_no_lost_commits() {
     let _sync_off = SyncOff(lab);
     lab.ready(); // waits for the replica to be sync_standby
     let c = lab.cluster().unwrap();
-    assert!(
-        c["members"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|m| m["role"] == "sync_standby"),
-        "no sync_standby: {c}"
-    );
+    assert!(c["members"].as_array().unwrap().iter().any(|m| m["role"] == "sync_standby"), "no sync_standby: {c}");
 
     let old = lab.leader().expect("leader");
     let r = start_relay(lab);
@@ -918,20 +747,9 @@ async fn d_ledger_sync_mode_no_lost_commits() {
     }
 
     let all = attempts.lock().unwrap().clone();
-    let acked: Vec<i64> = all
-        .iter()
-        .filter(|a| a.result.is_ok())
-        .map(|a| a.id)
-        .collect();
-    let acked_old = all
-        .iter()
-        .filter(|a| a.result.is_ok() && a.result != Ok(new_port))
-        .count();
-    let unknown: Vec<i64> = all
-        .iter()
-        .filter(|a| a.result.is_err())
-        .map(|a| a.id)
-        .collect();
+    let acked: Vec<i64> = all.iter().filter(|a| a.result.is_ok()).map(|a| a.id).collect();
+    let acked_old = all.iter().filter(|a| a.result.is_ok() && a.result != Ok(new_port)).count();
+    let unknown: Vec<i64> = all.iter().filter(|a| a.result.is_err()).map(|a| a.id).collect();
     let present: HashSet<i64> = connect(&direct_url(new_port as u16))
         .await
         .simple_query("select id from ledger")
@@ -943,11 +761,7 @@ async fn d_ledger_sync_mode_no_lost_commits() {
             _ => None,
         })
         .collect();
-    let missing: Vec<i64> = acked
-        .iter()
-        .copied()
-        .filter(|id| !present.contains(id))
-        .collect();
+    let missing: Vec<i64> = acked.iter().copied().filter(|id| !present.contains(id)).collect();
     let unknown_present = unknown.iter().filter(|id| present.contains(id)).count();
     eprintln!(
         "LEDGER: {} acknowledged ({} on the old leader before the crash, {} on the new), {} present on the new leader, \
@@ -962,15 +776,8 @@ async fn d_ledger_sync_mode_no_lost_commits() {
     );
     drop(r);
     tokio::task::block_in_place(|| drop(_sync_off));
-    assert!(
-        acked_old > 100,
-        "too few writes before the crash to mean anything: {acked_old}"
-    );
-    assert!(
-        missing.is_empty(),
-        "acknowledged commits lost: {:?}",
-        &missing[..missing.len().min(20)]
-    );
+    assert!(acked_old > 100, "too few writes before the crash to mean anything: {acked_old}");
+    assert!(missing.is_empty(), "acknowledged commits lost: {:?}", &missing[..missing.len().min(20)]);
 }
 
 /// (e) Every Patroni REST endpoint stops answering (SIGSTOP): pgrelay keeps routing to the last leader,
@@ -987,10 +794,7 @@ async fn e_rest_down_keeps_last_leader() {
     impl Drop for Cont {
         fn drop(&mut self) {
             for p in &self.0 {
-                let _ = Command::new("kill")
-                    .arg("-CONT")
-                    .arg(p.to_string())
-                    .status();
+                let _ = Command::new("kill").arg("-CONT").arg(p.to_string()).status();
             }
         }
     }
@@ -1000,12 +804,7 @@ async fn e_rest_down_keeps_last_leader() {
     let stopped_at = Instant::now();
     let cont = Cont(pids.clone());
     for p in &pids {
-        assert!(Command::new("kill")
-            .arg("-STOP")
-            .arg(p.to_string())
-            .status()
-            .unwrap()
-            .success());
+        assert!(Command::new("kill").arg("-STOP").arg(p.to_string()).status().unwrap().success());
     }
     assert!(http_get(lab.rest_ports[0], "/cluster", Duration::from_millis(300)).is_none());
     // pgrelay needs one failed poll round (2 endpoints x 300 ms timeout) to notice.
@@ -1019,9 +818,7 @@ async fn e_rest_down_keeps_last_leader() {
             let url = relay_url(&r);
             handles.push(tokio::spawn(async move {
                 let c = try_connect(&url).await.map_err(|e| msg(&e))?;
-                c.batch_execute("create table if not exists rest_down(x int)")
-                    .await
-                    .map_err(|e| msg(&e))?;
+                c.batch_execute("create table if not exists rest_down(x int)").await.map_err(|e| msg(&e))?;
                 simple_value(&c, "select inet_server_port() from pg_sleep(0.1)")
                     .await
                     .map(|p| p.parse::<i32>().unwrap_or(-1))
@@ -1029,9 +826,8 @@ async fn e_rest_down_keeps_last_leader() {
             }));
         }
         for h in handles {
-            let p = h.await.unwrap().unwrap_or_else(|e| {
-                panic!("write while patroni is stopped failed: {e}\n{}", r.log())
-            });
+            let p =
+                h.await.unwrap().unwrap_or_else(|e| panic!("write while patroni is stopped failed: {e}\n{}", r.log()));
             assert_eq!(p, port);
             ok += 1;
         }
@@ -1045,32 +841,17 @@ async fn e_rest_down_keeps_last_leader() {
         "{ok} writes succeeded with every patroni stopped for {:.1} s; SHOW CLUSTER:\n{show}",
         stopped_for.as_secs_f64()
     );
-    let said = r
-        .log()
-        .lines()
-        .filter(|l| l.contains("unreachable"))
-        .map(str::to_string)
-        .collect::<Vec<_>>();
+    let said = r.log().lines().filter(|l| l.contains("unreachable")).map(str::to_string).collect::<Vec<_>>();
     for l in &said {
         eprintln!("pgrelay: {}", strip_ansi(l));
     }
     let metric_lines: Vec<&str> = metrics
         .lines()
-        .filter(|l| {
-            !l.starts_with('#')
-                && (l.contains("patroni") || l.contains("reachable") || l.contains("leader"))
-        })
+        .filter(|l| !l.starts_with('#') && (l.contains("patroni") || l.contains("reachable") || l.contains("leader")))
         .collect();
     eprintln!("metrics mentioning patroni/leader/reachable: {metric_lines:?}");
-    assert!(
-        stopped_for < Duration::from_secs(7),
-        "patroni was stopped too long ({stopped_for:?})"
-    );
-    assert!(
-        !said.is_empty(),
-        "pgrelay did not log that patroni is unreachable:\n{}",
-        r.log()
-    );
+    assert!(stopped_for < Duration::from_secs(7), "patroni was stopped too long ({stopped_for:?})");
+    assert!(!said.is_empty(), "pgrelay did not log that patroni is unreachable:\n{}", r.log());
     assert!(
         show.lines().all(|l| l.split('|').nth(9) == Some("false")),
         "SHOW CLUSTER should say reachable = false while patroni is stopped:\n{show}"
