@@ -1,0 +1,862 @@
+//! Patroni leader following against a real two-node Patroni 3.0.2 + etcd 3.4 cluster on loopback.
+//!
+//! One cluster (scripts/lab.d, on free ports, in a temp dir) is shared by every test in this file; tests take
+//! turns on it (a mutex) and each starts its own pgrelay process. The cluster is bootstrapped by the first
+//! test that needs it and torn down (`down.sh --wipe`, by PID) when the test process exits. Every test begins
+//! with `up.sh`, which restarts a node that an earlier test killed and waits for a streaming replica, so the
+//! tests do not depend on their order.
+//!
+//! Needs Debian's `patroni etcd-server etcd-client python3-psycopg2 postgresql postgresql-contrib`; when a
+//! binary is missing the tests fail with that install hint.
+
+mod common;
+
+use std::collections::{BTreeSet, HashSet};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use common::{connect, free_port, msg, psql_at, try_connect, Relay};
+
+/// Patroni's superuser (see scripts/lab.d/patroni.yml.in); the test userlist uses the same password.
+const PG_PASSWORD: &str = "postgres";
+const ADMIN_PASSWORD: &str = "admin";
+const INSTALL_HINT: &str = "apt-get install -y patroni etcd-server etcd-client python3-psycopg2 postgresql postgresql-contrib (or run scripts/lab up once, which installs them)";
+
+// ---------------------------------------------------------------------------------------------
+// The shared cluster
+// ---------------------------------------------------------------------------------------------
+
+struct Lab {
+    dir: PathBuf,
+    etcd_port: u16,
+    etcd_peer_port: u16,
+    pg_ports: [u16; 2],
+    rest_ports: [u16; 2],
+}
+
+static LAB: OnceLock<Lab> = OnceLock::new();
+/// Tests take turns on the cluster. Each test has its own runtime and holds its turn across awaits, so this is
+/// tokio's runtime-independent mutex.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn kit() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/lab.d")
+}
+
+fn check_binaries() {
+    let pg_bin = std::env::var("PG_BIN").unwrap_or_else(|_| "/usr/lib/postgresql/15/bin".into());
+    for b in [
+        "/usr/bin/patroni".to_string(),
+        "/usr/bin/patronictl".to_string(),
+        "/usr/bin/etcd".to_string(),
+        format!("{pg_bin}/postgres"),
+        format!("{pg_bin}/initdb"),
+        format!("{pg_bin}/pg_rewind"),
+        "/usr/bin/pgbench".to_string(),
+        "/usr/bin/psql".to_string(),
+    ] {
+        assert!(Path::new(&b).exists(), "{b} is missing: {INSTALL_HINT}");
+    }
+}
+
+/// Six distinct free ports, none of them the lab's fixed defaults (so a running `scripts/lab` is not touched).
+fn pick_ports() -> Vec<u16> {
+    let fixed = [2379, 2380, 8008, 8009, 15432, 15433, 6432, 9091];
+    let mut set = BTreeSet::new();
+    let mut out = Vec::new();
+    while out.len() < 6 {
+        let p = free_port();
+        if !fixed.contains(&p) && set.insert(p) {
+            out.push(p);
+        }
+    }
+    out
+}
+
+impl Lab {
+    fn env(&self, c: &mut Command) {
+        c.env("PGRELAY_LAB", &self.dir)
+            .env("LAB_ETCD_PORT", self.etcd_port.to_string())
+            .env("LAB_ETCD_PEER_PORT", self.etcd_peer_port.to_string())
+            .env("LAB_PG_PORT1", self.pg_ports[0].to_string())
+            .env("LAB_PG_PORT2", self.pg_ports[1].to_string())
+            .env("LAB_REST_PORT1", self.rest_ports[0].to_string())
+            .env("LAB_REST_PORT2", self.rest_ports[1].to_string())
+            .env("READY_TIMEOUT", "90");
+    }
+
+    /// Runs a kit script; returns stdout, panics with its output on failure.
+    fn sh(&self, script: &str, args: &[&str]) -> String {
+        let mut c = Command::new(kit().join(script));
+        c.args(args);
+        self.env(&mut c);
+        let out = c.output().expect("run lab script");
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(out.status.success(), "{script} {args:?} failed:\n{text}{}", String::from_utf8_lossy(&out.stderr));
+        text
+    }
+
+    /// Brings the cluster to one leader plus a streaming replica (sync_standby in synchronous mode).
+    fn ready(&self) {
+        let t0 = Instant::now();
+        let out = self.sh("up.sh", &[]);
+        let ready = out.lines().rev().find(|l| l.starts_with("READY")).unwrap_or("");
+        eprintln!("[lab] {ready} (up.sh took {:.1} s)", t0.elapsed().as_secs_f64());
+    }
+
+    fn patronictl(&self, args: &[&str]) -> String {
+        let conf = self.dir.join("conf/patroni1.yml");
+        let out = Command::new("/usr/bin/patronictl").arg("-c").arg(conf).args(args).output().expect("patronictl");
+        assert!(
+            out.status.success(),
+            "patronictl {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).to_string()
+    }
+
+    fn node_pg_port(&self, node: &str) -> u16 {
+        match node {
+            "node1" => self.pg_ports[0],
+            "node2" => self.pg_ports[1],
+            _ => panic!("unknown node {node}"),
+        }
+    }
+
+    fn other(&self, node: &str) -> &'static str {
+        if node == "node1" {
+            "node2"
+        } else {
+            "node1"
+        }
+    }
+
+    /// /cluster from the first REST endpoint that answers.
+    fn cluster(&self) -> Option<serde_json::Value> {
+        self.rest_ports
+            .iter()
+            .find_map(|&p| http_get(p, "/cluster", Duration::from_millis(300)))
+            .and_then(|b| serde_json::from_str(&b).ok())
+    }
+
+    /// Name of the member /cluster calls leader and running.
+    fn leader(&self) -> Option<String> {
+        leader_of(&self.cluster()?)
+    }
+
+    fn patroni_pids(&self) -> Vec<u32> {
+        (1..=2)
+            .filter_map(|n| {
+                std::fs::read_to_string(self.dir.join(format!("run/patroni{n}.pid"))).ok()?.trim().parse().ok()
+            })
+            .collect()
+    }
+
+    fn teardown(&self) {
+        let mut c = Command::new(kit().join("down.sh"));
+        c.arg("--wipe");
+        self.env(&mut c);
+        match c.output() {
+            Ok(o) => eprint!("[lab] {}", String::from_utf8_lossy(&o.stdout).lines().last().unwrap_or("")),
+            Err(e) => eprintln!("[lab] down.sh failed: {e}"),
+        }
+        eprintln!();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+extern "C" fn teardown_at_exit() {
+    if let Some(lab) = LAB.get() {
+        lab.teardown();
+    }
+}
+
+fn leader_of(cluster: &serde_json::Value) -> Option<String> {
+    cluster["members"].as_array()?.iter().find_map(|m| {
+        (m["role"] == "leader" && m["state"] == "running").then(|| m["name"].as_str().unwrap_or("").to_string())
+    })
+}
+
+/// Takes this file's turn on the cluster (bootstrapping it on first use) and makes it ready.
+async fn lab() -> (&'static Lab, tokio::sync::MutexGuard<'static, ()>) {
+    let guard = SERIAL.lock().await;
+    let lab = LAB.get_or_init(|| {
+        check_binaries();
+        let p = pick_ports();
+        let dir = std::env::temp_dir().join(format!("pgrelay-patroni-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let lab = Lab { dir, etcd_port: p[0], etcd_peer_port: p[1], pg_ports: [p[2], p[3]], rest_ports: [p[4], p[5]] };
+        // SAFETY: registering a plain extern "C" fn with atexit has no preconditions.
+        unsafe { libc::atexit(teardown_at_exit) };
+        eprintln!(
+            "[lab] bootstrapping in {} (etcd {}, pg {:?}, rest {:?})",
+            lab.dir.display(),
+            lab.etcd_port,
+            lab.pg_ports,
+            lab.rest_ports
+        );
+        lab
+    });
+    lab.ready();
+    (lab, guard)
+}
+
+/// A bounded HTTP/1.0 GET on 127.0.0.1; the body on 200, None otherwise.
+fn http_get(port: u16, path: &str, timeout: Duration) -> Option<String> {
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let mut s = std::net::TcpStream::connect_timeout(&addr, timeout).ok()?;
+    s.set_read_timeout(Some(timeout)).ok()?;
+    s.set_write_timeout(Some(timeout)).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    let (head, body) = out.split_once("\r\n\r\n")?;
+    head.split_whitespace().nth(1).filter(|c| *c == "200")?;
+    Some(body.to_string())
+}
+
+// ---------------------------------------------------------------------------------------------
+// pgrelay in front of the cluster
+// ---------------------------------------------------------------------------------------------
+
+/// Starts pgrelay with database `postgres` following the lab cluster.
+fn start_relay(lab: &Lab) -> Relay {
+    let port = free_port();
+    let metrics_port = free_port();
+    let dir = tempfile::Builder::new().prefix("pgrelay-patroni-").tempdir().expect("tempdir");
+    std::fs::write(
+        dir.path().join("userlist.txt"),
+        format!("\"postgres\" \"{PG_PASSWORD}\"\n\"pgrelay\" \"{ADMIN_PASSWORD}\"\n"),
+    )
+    .unwrap();
+    let cfg = format!(
+        "[proxy]\nlisten = \"127.0.0.1:{port}\"\ndefault_pool_size = 20\nquery_wait_timeout = \"30s\"\n\n\
+         [auth]\ntype = \"scram-sha-256\"\nfile = \"userlist.txt\"\nadmin_users = [\"pgrelay\"]\n\n\
+         [metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n\n\
+         [databases.postgres]\npatroni = \"main\"\n\n\
+         [patroni.main]\nendpoints = [\"http://127.0.0.1:{}\", \"http://127.0.0.1:{}\"]\npoll_interval = \"100ms\"\nhttp_timeout = \"300ms\"\n",
+        lab.rest_ports[0], lab.rest_ports[1]
+    );
+    std::fs::write(dir.path().join("proxy.toml"), cfg).unwrap();
+    let mut r = Relay { port, metrics_port, dir, child: None };
+    r.spawn();
+    r
+}
+
+fn relay_url(r: &Relay) -> String {
+    r.url("postgres", PG_PASSWORD)
+}
+
+fn direct_url(port: u16) -> String {
+    format!("host=127.0.0.1 port={port} user=postgres password={PG_PASSWORD} dbname=postgres connect_timeout=5")
+}
+
+/// First column of the first row of a simple-protocol query.
+///
+/// The tests use the simple query protocol on purpose: tokio-postgres' `query*` prepares a named statement and
+/// executes it in a second round trip, which in transaction mode can land on another server connection, and
+/// pgrelay does not carry named statements across server connections
+/// yet (seen here as `prepared statement "s2858" does not exist` with six concurrent clients).
+async fn simple_value(c: &tokio_postgres::Client, sql: &str) -> Result<String, tokio_postgres::Error> {
+    let msgs = c.simple_query(sql).await?;
+    Ok(msgs
+        .iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => Some(r.get(0).unwrap_or("").to_string()),
+            _ => None,
+        })
+        .unwrap_or_default())
+}
+
+async fn server_port(c: &tokio_postgres::Client) -> Result<i32, tokio_postgres::Error> {
+    Ok(simple_value(c, "select inet_server_port()").await?.parse().unwrap_or(-1))
+}
+
+/// Waits (bounded) until a fresh client through pgrelay lands on `port`.
+async fn wait_routed_to(r: &Relay, port: u16, within: Duration) {
+    let t0 = Instant::now();
+    let mut last = String::new();
+    while t0.elapsed() < within {
+        match try_connect(&relay_url(r)).await {
+            Ok(c) => match tokio::time::timeout(Duration::from_secs(3), server_port(&c)).await {
+                Ok(Ok(p)) if p == port as i32 => return,
+                Ok(Ok(p)) => last = format!("routed to {p}"),
+                Ok(Err(e)) => last = msg(&e),
+                Err(_) => last = "timeout".into(),
+            },
+            Err(e) => last = msg(&e),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("pgrelay did not route to port {port} within {within:?}: {last}\n{}", r.log());
+}
+
+fn admin(r: &Relay, sql: &str) -> String {
+    psql_at(r.port, "pgrelay", ADMIN_PASSWORD, "pgrelay", sql).unwrap_or_else(|e| panic!("admin {sql}: {e}"))
+}
+
+fn leader_changes(r: &Relay) -> f64 {
+    r.http_get("/metrics")
+        .lines()
+        .find(|l| l.starts_with("pgrelay_leader_changes_total") && l.contains("main"))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// pgbench with the cluster's password; returns (output, exit success).
+fn pgbench(args: &[&str]) -> (String, bool) {
+    let out = Command::new("pgbench").args(args).env("PGPASSWORD", PG_PASSWORD).output().expect("pgbench");
+    (format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)), out.status.success())
+}
+
+fn number_after(text: &str, label: &str) -> Option<u64> {
+    let line = text.lines().find(|l| l.contains(label))?;
+    let rest = &line[line.find(label)? + label.len()..];
+    rest.trim().split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Writers used by the crash tests
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Debug, Clone)]
+struct Attempt {
+    id: i64,
+    start: Instant,
+    end: Instant,
+    /// Server port the write committed on, or the error text.
+    result: Result<i32, String>,
+}
+
+/// Runs `writers` clients through pgrelay, each inserting increasing ids into `table` (one transaction per
+/// insert) until `stop` is set; reconnects after an error. Every attempt is recorded.
+fn spawn_writers(
+    url: String,
+    table: &'static str,
+    writers: usize,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    log: Arc<Mutex<Vec<Attempt>>>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    use std::sync::atomic::Ordering;
+    (0..writers)
+        .map(|w| {
+            let (url, stop, log) = (url.clone(), stop.clone(), log.clone());
+            tokio::spawn(async move {
+                let mut client: Option<tokio_postgres::Client> = None;
+                let mut seq: i64 = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    seq += 1;
+                    let id = (w as i64 + 1) * 1_000_000_000 + seq;
+                    let start = Instant::now();
+                    let result = async {
+                        if client.as_ref().is_none_or(|c| c.is_closed()) {
+                            client = Some(try_connect(&url).await.map_err(|e| format!("connect: {}", msg(&e)))?);
+                        }
+                        let c = client.as_ref().expect("client was just set");
+                        let sql = format!("insert into {table}(id) values ({id}) returning inet_server_port()");
+                        simple_value(c, &sql).await.map(|p| p.parse::<i32>().unwrap_or(-1)).map_err(|e| msg(&e))
+                    };
+                    let result = match tokio::time::timeout(Duration::from_secs(10), result).await {
+                        Ok(r) => r,
+                        Err(_) => Err("timeout after 10 s".to_string()),
+                    };
+                    let failed = result.is_err();
+                    if failed {
+                        client = None;
+                    }
+                    log.lock().unwrap().push(Attempt { id, start, end: Instant::now(), result });
+                    if failed {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                }
+            })
+        })
+        .collect()
+}
+
+struct Crash {
+    /// When kill(1) of the leader's patroni + postgres ran (from the script's clock, mapped to an Instant).
+    killed: Instant,
+    old: String,
+    new: String,
+    /// First /cluster poll (every 10 ms, both endpoints) that named the new leader.
+    named_at: Instant,
+    named_sys: std::time::SystemTime,
+}
+
+/// Kills the leader (patroni + postmaster + children, SIGKILL) and waits for /cluster to name a new one.
+fn crash_leader(lab: &Lab) -> Crash {
+    let old = lab.leader().expect("a leader before the crash");
+    let (sys0, inst0) = (std::time::SystemTime::now(), Instant::now());
+    let out = lab.sh("ha.sh", &["kill-leader"]);
+    let line = out.lines().find(|l| l.starts_with("KILLED ")).unwrap_or_else(|| panic!("{out}"));
+    assert!(line.starts_with(&format!("KILLED {old} ")), "{out}");
+    let epoch: f64 = line.rsplit(' ').next().unwrap().parse().expect("epoch");
+    let at = std::time::UNIX_EPOCH + Duration::from_secs_f64(epoch);
+    let killed = inst0 + at.duration_since(sys0).unwrap_or_default();
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        if let Some(c) = lab.cluster() {
+            if let Some(l) = leader_of(&c) {
+                if l != old {
+                    return Crash {
+                        killed,
+                        old,
+                        new: l,
+                        named_at: Instant::now(),
+                        named_sys: std::time::SystemTime::now(),
+                    };
+                }
+            }
+        }
+        assert!(Instant::now() < deadline, "no new leader within 40 s of killing {old}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Milliseconds from `since` to the first pgrelay log line (UTC RFC 3339 timestamp) containing every needle.
+fn log_line_after(log: &str, needles: &[&str], since: std::time::SystemTime) -> Option<f64> {
+    let since = since.duration_since(std::time::UNIX_EPOCH).ok()?.as_secs_f64();
+    log.lines().map(strip_ansi).filter(|l| needles.iter().all(|n| l.contains(n))).find_map(|l| {
+        let ts = l.split_whitespace().next()?;
+        let out = Command::new("date").args(["-u", "-d", ts, "+%s.%N"]).output().ok()?;
+        let t: f64 = String::from_utf8_lossy(&out.stdout).trim().parse().ok()?;
+        (t >= since - 5.0).then_some((t - since) * 1000.0)
+    })
+}
+
+/// pgrelay colours its log even into a file; drop the escape sequences before reading it.
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut it = s.chars().peekable();
+    while let Some(c) = it.next() {
+        if c == '\u{1b}' {
+            for d in it.by_ref() {
+                if d.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// Signed milliseconds from `a` to `b`.
+fn delta_ms(a: Instant, b: Instant) -> f64 {
+    if b >= a {
+        ms(b - a)
+    } else {
+        -ms(a - b)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tests
+// ---------------------------------------------------------------------------------------------
+
+/// (a) pgrelay finds the leader by itself, writes land there, and SHOW CLUSTER shows both members.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_discovery() {
+    let (lab, _turn) = lab().await;
+    let leader = lab.leader().expect("leader");
+    let port = lab.node_pg_port(&leader);
+    let r = start_relay(lab);
+    wait_routed_to(&r, port, Duration::from_secs(10)).await;
+
+    let c = connect(&relay_url(&r)).await;
+    c.batch_execute("create table if not exists discovery(x int); insert into discovery values (1)")
+        .await
+        .expect("write through pgrelay");
+    assert_eq!(server_port(&c).await.unwrap(), port as i32);
+    assert_eq!(simple_value(&c, "select pg_is_in_recovery()").await.unwrap(), "f");
+
+    let show = admin(&r, "show cluster");
+    eprintln!("SHOW CLUSTER:\n{show}");
+    let rows: Vec<Vec<&str>> = show.lines().map(|l| l.split('|').collect()).collect();
+    assert_eq!(rows.len(), 2, "{show}");
+    for (node, role) in [(leader.as_str(), "leader"), (lab.other(&leader), "replica")] {
+        let row = rows.iter().find(|r| r[1] == node).unwrap_or_else(|| panic!("{node} missing: {show}"));
+        assert_eq!(row[3], lab.node_pg_port(node).to_string(), "{show}");
+        assert!(row[4].contains(role), "{node} should be {role}: {show}");
+        assert_eq!(row[8], if role == "leader" { "true" } else { "false" }, "routed column: {show}");
+    }
+    assert!(r.http_get("/metrics").contains("pgrelay_leader_changes_total"));
+}
+
+/// (b) `patronictl switchover` in the middle of pgbench through pgrelay: zero failed transactions by pgbench's
+/// own counts (no retries), every committed transaction is on the new leader, and writes land there afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn b_switchover_under_pgbench_zero_errors() {
+    let (lab, _turn) = lab().await;
+    let old = lab.leader().expect("leader");
+    let new = lab.other(&old);
+    let old_port = lab.node_pg_port(&old);
+    let r = start_relay(lab);
+    wait_routed_to(&r, old_port, Duration::from_secs(10)).await;
+    let relay_port = r.port.to_string();
+
+    let (out, ok) =
+        pgbench(&["-i", "-q", "-s", "2", "-h", "127.0.0.1", "-p", &old_port.to_string(), "-U", "postgres", "postgres"]);
+    assert!(ok, "pgbench -i: {out}");
+    let changes_before = leader_changes(&r);
+
+    let bench = std::thread::spawn(move || {
+        pgbench(&[
+            "-c",
+            "8",
+            "-j",
+            "2",
+            "-T",
+            "15",
+            "-P",
+            "1",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &relay_port,
+            "-U",
+            "postgres",
+            "postgres",
+        ])
+    });
+    std::thread::sleep(Duration::from_secs(5));
+    let t_sw = Instant::now();
+    lab.sh("ha.sh", &["switchover"]);
+    eprintln!("patronictl switchover {old} -> {new} returned after {:.2} s", t_sw.elapsed().as_secs_f64());
+    let (out, ok) = bench.join().unwrap();
+    eprintln!("---- pgbench ----\n{out}");
+    let processed = number_after(&out, "number of transactions actually processed:").unwrap_or(0);
+    let failed = number_after(&out, "number of failed transactions:");
+    let aborted = out.lines().filter(|l| l.contains("error: client ") && l.contains(" aborted")).count();
+    eprintln!("switchover under load: processed={processed} failed={failed:?} aborted_clients={aborted}");
+
+    // Writes land on the new leader afterwards, through the same pgrelay.
+    let new_port = lab.node_pg_port(new);
+    wait_routed_to(&r, new_port, Duration::from_secs(10)).await;
+    let c = connect(&relay_url(&r)).await;
+    c.batch_execute("create table if not exists after_switchover(x int); insert into after_switchover values (1)")
+        .await
+        .unwrap();
+    assert_eq!(server_port(&c).await.unwrap(), new_port as i32);
+    let history: i64 = simple_value(&connect(&direct_url(new_port)).await, "select count(*) from pgbench_history")
+        .await
+        .unwrap()
+        .parse()
+        .unwrap();
+    let changes = leader_changes(&r) - changes_before;
+    eprintln!("pgbench_history on the new leader: {history} rows; leader changes counted: {changes}");
+    for l in r.log().lines().filter(|l| {
+        l.contains("routing to new leader") || l.contains("no running leader") || l.contains("no server for client")
+    }) {
+        eprintln!("pgrelay: {}", strip_ansi(l));
+    }
+
+    assert!(ok, "pgbench exited with an error (a client aborted?):\n{out}");
+    assert!(processed > 0, "{out}");
+    assert_eq!(failed, Some(0), "pgbench counted failed transactions:\n{out}");
+    assert_eq!(aborted, 0, "pgbench clients aborted:\n{out}");
+    assert_eq!(history as u64, processed, "every transaction pgbench counted must be on the new leader");
+    assert!(changes >= 1.0, "pgrelay_leader_changes_total did not move");
+}
+
+/// (c) kill -9 of the leader's patroni + postgres under write load: pgrelay routes to the new leader quickly
+/// after /cluster names it (target 300 ms, asserted < 1 s), and only the transactions in flight at the kill fail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn c_crash_failover_reroute_time() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let (lab, _turn) = lab().await;
+    let old = lab.leader().expect("leader");
+    let r = start_relay(lab);
+    wait_routed_to(&r, lab.node_pg_port(&old), Duration::from_secs(10)).await;
+    connect(&relay_url(&r))
+        .await
+        .batch_execute("drop table if exists crash_t; create table crash_t(id bigint primary key, at timestamptz default clock_timestamp())")
+        .await
+        .unwrap();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let attempts = Arc::new(Mutex::new(Vec::new()));
+    let tasks = spawn_writers(relay_url(&r), "crash_t", 4, stop.clone(), attempts.clone());
+    // Direct connection to the candidate: when does PostgreSQL itself leave recovery (Patroni's promotion)?
+    let candidate = connect(&direct_url(lab.node_pg_port(lab.other(&old)))).await;
+    let writable = tokio::spawn(async move {
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(40) {
+            if let Ok(v) = simple_value(&candidate, "select pg_is_in_recovery()").await {
+                if v == "f" {
+                    return Some(Instant::now());
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        None
+    });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let crash = tokio::task::block_in_place(|| crash_leader(lab));
+    let new_port = lab.node_pg_port(&crash.new) as i32;
+    // Let the writers run until they have written on the new leader for a second (bounded).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let ok_new = attempts
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|a| a.result == Ok(new_port) && a.end > crash.named_at + Duration::from_secs(1))
+            .count();
+        if ok_new > 0 || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        let _ = t.await;
+    }
+
+    let all = attempts.lock().unwrap().clone();
+    let first_new = all.iter().filter(|a| a.result == Ok(new_port)).map(|a| a.end).min();
+    let failures: Vec<&Attempt> = all.iter().filter(|a| a.result.is_err()).collect();
+    // In flight = started before the kill and not finished before it.
+    let (in_flight, later): (Vec<&Attempt>, Vec<&Attempt>) = failures.iter().partition(|a| a.start < crash.killed);
+    let ok_total = all.iter().filter(|a| a.result.is_ok()).count();
+    eprintln!(
+        "crash failover {} -> {}: /cluster named the new leader {:.0} ms after the kill",
+        crash.old,
+        crash.new,
+        delta_ms(crash.killed, crash.named_at)
+    );
+    let reroute = first_new.map(|t| delta_ms(crash.named_at, t));
+    let writable_at = writable.await.unwrap();
+    let relay_log = r.log();
+    let routed_ms = log_line_after(
+        &relay_log,
+        &["routing to new leader", &format!("leader=127.0.0.1:{new_port}")],
+        crash.named_sys,
+    );
+    let fmt = |v: Option<f64>| v.map_or("n/a".to_string(), |v| format!("{v:.0} ms"));
+    eprintln!(
+        "RE-ROUTE: first write through pgrelay committed on the new leader {} after /cluster named it \
+         (pgrelay logged \"routing to new leader\" at {}, PostgreSQL left recovery at {}, \
+         first pgrelay write {} after that)",
+        fmt(reroute),
+        fmt(routed_ms),
+        fmt(writable_at.map(|w| delta_ms(crash.named_at, w))),
+        fmt(writable_at.zip(first_new).map(|(w, f)| delta_ms(w, f)))
+    );
+    eprintln!(
+        "attempts: {} ok, {} failed ({} in flight at the kill, {} started after it)",
+        ok_total,
+        failures.len(),
+        in_flight.len(),
+        later.len()
+    );
+    let mut kinds: Vec<(String, usize, f64, f64)> = Vec::new();
+    for a in &later {
+        let e = a.result.clone().unwrap_err();
+        let t = delta_ms(crash.killed, a.start);
+        match kinds.iter_mut().find(|k| k.0 == e) {
+            Some(k) => {
+                k.1 += 1;
+                k.3 = t;
+            }
+            None => kinds.push((e, 1, t, t)),
+        }
+    }
+    for (e, n, first, last) in &kinds {
+        eprintln!("  after-kill failure x{n} (started {first:.0}..{last:.0} ms after the kill): {e}");
+    }
+    for l in relay_log.lines().filter(|l| l.contains("routing to new leader") || l.contains("leader changed")) {
+        eprintln!("pgrelay: {}", strip_ansi(l));
+    }
+
+    // Rejoin the killed node before asserting, so later tests get a healthy cluster even if this one fails.
+    tokio::task::block_in_place(|| lab.ready());
+
+    let reroute = reroute.expect("no write ever committed on the new leader through pgrelay");
+    assert!(reroute < 1000.0, "re-route took {reroute:.0} ms (target < 300 ms)");
+    assert!(
+        later.is_empty(),
+        "{} transactions that started after the kill failed (only in-flight ones may): {:?}",
+        later.len(),
+        kinds
+    );
+}
+
+/// (d) synchronous_mode on: every id a client saw commit through pgrelay is on the new leader after a crash failover.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn d_ledger_sync_mode_no_lost_commits() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let (lab, _turn) = lab().await;
+
+    struct SyncOff<'a>(&'a Lab);
+    impl Drop for SyncOff<'_> {
+        fn drop(&mut self) {
+            // Back to the default for the other tests (bounded by up.sh's READY_TIMEOUT).
+            let _ = std::panic::catch_unwind(|| {
+                self.0.ready();
+                self.0.patronictl(&["edit-config", "--set", "synchronous_mode=false", "--force"]);
+            });
+        }
+    }
+    lab.patronictl(&["edit-config", "--set", "synchronous_mode=true", "--force"]);
+    let _sync_off = SyncOff(lab);
+    lab.ready(); // waits for the replica to be sync_standby
+    let c = lab.cluster().unwrap();
+    assert!(c["members"].as_array().unwrap().iter().any(|m| m["role"] == "sync_standby"), "no sync_standby: {c}");
+
+    let old = lab.leader().expect("leader");
+    let r = start_relay(lab);
+    wait_routed_to(&r, lab.node_pg_port(&old), Duration::from_secs(10)).await;
+    connect(&relay_url(&r))
+        .await
+        .batch_execute("drop table if exists ledger; create table ledger(id bigint primary key)")
+        .await
+        .unwrap();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let attempts = Arc::new(Mutex::new(Vec::new()));
+    let tasks = spawn_writers(relay_url(&r), "ledger", 4, stop.clone(), attempts.clone());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let crash = tokio::task::block_in_place(|| crash_leader(lab));
+    let new_port = lab.node_pg_port(&crash.new) as i32;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !attempts
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|a| a.result == Ok(new_port) && a.end > crash.named_at + Duration::from_secs(1))
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        let _ = t.await;
+    }
+
+    let all = attempts.lock().unwrap().clone();
+    let acked: Vec<i64> = all.iter().filter(|a| a.result.is_ok()).map(|a| a.id).collect();
+    let acked_old = all.iter().filter(|a| a.result.is_ok() && a.result != Ok(new_port)).count();
+    let unknown: Vec<i64> = all.iter().filter(|a| a.result.is_err()).map(|a| a.id).collect();
+    let present: HashSet<i64> = connect(&direct_url(new_port as u16))
+        .await
+        .simple_query("select id from ledger")
+        .await
+        .unwrap()
+        .iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0)?.parse().ok(),
+            _ => None,
+        })
+        .collect();
+    let missing: Vec<i64> = acked.iter().copied().filter(|id| !present.contains(id)).collect();
+    let unknown_present = unknown.iter().filter(|id| present.contains(id)).count();
+    eprintln!(
+        "LEDGER: {} acknowledged ({} on the old leader before the crash, {} on the new), {} present on the new leader, \
+         {} acknowledged ids missing; {} failed attempts ({} of them committed anyway)",
+        acked.len(),
+        acked_old,
+        acked.len() - acked_old,
+        present.len(),
+        missing.len(),
+        unknown.len(),
+        unknown_present
+    );
+    drop(r);
+    tokio::task::block_in_place(|| drop(_sync_off));
+    assert!(acked_old > 100, "too few writes before the crash to mean anything: {acked_old}");
+    assert!(missing.is_empty(), "acknowledged commits lost: {:?}", &missing[..missing.len().min(20)]);
+}
+
+/// (e) Every Patroni REST endpoint stops answering (SIGSTOP): pgrelay keeps routing to the last leader,
+/// says so, and writes, including ones that need new server connections, still succeed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn e_rest_down_keeps_last_leader() {
+    let (lab, _turn) = lab().await;
+    let leader = lab.leader().expect("leader");
+    let port = lab.node_pg_port(&leader) as i32;
+    let r = start_relay(lab);
+    wait_routed_to(&r, port as u16, Duration::from_secs(10)).await;
+
+    struct Cont(Vec<u32>);
+    impl Drop for Cont {
+        fn drop(&mut self) {
+            for p in &self.0 {
+                let _ = Command::new("kill").arg("-CONT").arg(p.to_string()).status();
+            }
+        }
+    }
+    let pids = lab.patroni_pids();
+    assert_eq!(pids.len(), 2, "patroni pid files");
+    // Stay well under ttl (8 s): a leader that cannot renew its lease would demote itself on SIGCONT.
+    let stopped_at = Instant::now();
+    let cont = Cont(pids.clone());
+    for p in &pids {
+        assert!(Command::new("kill").arg("-STOP").arg(p.to_string()).status().unwrap().success());
+    }
+    assert!(http_get(lab.rest_ports[0], "/cluster", Duration::from_millis(300)).is_none());
+    // pgrelay needs one failed poll round (2 endpoints x 300 ms timeout) to notice.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+
+    // New client connections and 6 concurrent transactions (more than the idle connections) all write.
+    let mut ok = 0;
+    for round in 0..3 {
+        let mut handles = Vec::new();
+        for i in 0..6 {
+            let url = relay_url(&r);
+            handles.push(tokio::spawn(async move {
+                let c = try_connect(&url).await.map_err(|e| msg(&e))?;
+                c.batch_execute("create table if not exists rest_down(x int)").await.map_err(|e| msg(&e))?;
+                simple_value(&c, "select inet_server_port() from pg_sleep(0.1)")
+                    .await
+                    .map(|p| p.parse::<i32>().unwrap_or(-1))
+                    .map_err(|e| format!("{round}/{i}: {}", msg(&e)))
+            }));
+        }
+        for h in handles {
+            let p =
+                h.await.unwrap().unwrap_or_else(|e| panic!("write while patroni is stopped failed: {e}\n{}", r.log()));
+            assert_eq!(p, port);
+            ok += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let show = admin(&r, "show cluster");
+    let metrics = r.http_get("/metrics");
+    let stopped_for = stopped_at.elapsed();
+    drop(cont);
+    eprintln!(
+        "{ok} writes succeeded with every patroni stopped for {:.1} s; SHOW CLUSTER:\n{show}",
+        stopped_for.as_secs_f64()
+    );
+    let said = r.log().lines().filter(|l| l.contains("unreachable")).map(str::to_string).collect::<Vec<_>>();
+    for l in &said {
+        eprintln!("pgrelay: {}", strip_ansi(l));
+    }
+    let metric_lines: Vec<&str> = metrics
+        .lines()
+        .filter(|l| !l.starts_with('#') && (l.contains("patroni") || l.contains("reachable") || l.contains("leader")))
+        .collect();
+    eprintln!("metrics mentioning patroni/leader/reachable: {metric_lines:?}");
+    assert!(stopped_for < Duration::from_secs(7), "patroni was stopped too long ({stopped_for:?})");
+    assert!(!said.is_empty(), "pgrelay did not log that patroni is unreachable:\n{}", r.log());
+    assert!(
+        show.lines().all(|l| l.split('|').nth(9) == Some("false")),
+        "SHOW CLUSTER should say reachable = false while patroni is stopped:\n{show}"
+    );
+    // Patroni answers again after SIGCONT and the leader is unchanged.
+    tokio::task::block_in_place(|| lab.ready());
+    assert_eq!(lab.leader().as_deref(), Some(leader.as_str()));
+}
