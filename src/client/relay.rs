@@ -60,8 +60,17 @@ enum Expect {
     /// to forget if the server skips this message (an earlier error in the same pipeline).
     Synth {
         msg: Synthetic,
-        undo: Option<String>,
+        undo: Option<Undo>,
     },
+}
+
+/// What to take back if the server skips the message a made-up answer stands for (an earlier error in the pipeline).
+#[derive(Debug)]
+enum Undo {
+    /// A Parse the proxy answered: the name was never defined.
+    Forget(String),
+    /// A Close the proxy answered: the name still exists.
+    Restore(String, Arc<Prepared>),
 }
 
 /// Messages the proxy answers on the server's behalf.
@@ -565,7 +574,7 @@ impl Session {
                     self.out.extend_from_slice(&p.parse);
                     self.expect.push_back(Expect::Parse { swallow: false, hash: None, client: Some(client_name) });
                 } else if srv.statements.touch(p.hash) {
-                    self.expect.push_back(Expect::Synth { msg: Synthetic::ParseComplete, undo: Some(client_name) });
+                    self.expect.push_back(Expect::Synth { msg: Synthetic::ParseComplete, undo: Some(Undo::Forget(client_name)) });
                 } else {
                     self.prepare_on_server(srv, &p, false, Some(client_name));
                 }
@@ -614,8 +623,10 @@ impl Session {
                         // Other clients may share the server-side statement: forget it here, answer here.
                         let name = client_stmt_name(body).unwrap_or_default();
                         self.statements.remove(&name);
-                        let _ = p;
-                        self.expect.push_back(Expect::Synth { msg: Synthetic::CloseComplete, undo: None });
+                        self.expect.push_back(Expect::Synth {
+                            msg: Synthetic::CloseComplete,
+                            undo: Some(Undo::Restore(name, p)),
+                        });
                     }
                     Some(p) => {
                         if !srv.statements.touch(p.hash) {
@@ -1169,13 +1180,18 @@ impl Session {
         if matches!(head, Expect::Ready { .. }) {
             return; // a simple query: its ReadyForQuery follows
         }
+        let mut skipped = Vec::new();
         while let Some(e) = self.expect.front() {
             if matches!(e, Expect::Ready { .. }) {
                 break;
             }
-            match self.expect.pop_front() {
+            skipped.extend(self.expect.pop_front());
+        }
+        // Undo in reverse order, so a skipped Close-then-Parse of one name ends with the name as it was.
+        for e in skipped.into_iter().rev() {
+            match e {
                 // A Parse that failed (or was skipped) must leave no stale mapping behind.
-                Some(Expect::Parse { hash, client, .. }) => {
+                Expect::Parse { hash, client, .. } => {
                     if let Some(h) = hash {
                         srv.statements.remove(h);
                     }
@@ -1183,8 +1199,11 @@ impl Session {
                         self.statements.remove(&c);
                     }
                 }
-                Some(Expect::Synth { undo: Some(c), .. }) => {
+                Expect::Synth { undo: Some(Undo::Forget(c)), .. } => {
                     self.statements.remove(&c);
+                }
+                Expect::Synth { undo: Some(Undo::Restore(c, p)), .. } => {
+                    self.statements.insert(c, p);
                 }
                 _ => {}
             }
