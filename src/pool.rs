@@ -99,6 +99,9 @@ pub struct Pool {
     /// The parameters the first server reported, replayed to clients at login.
     pub server_params: Mutex<Option<Vec<(String, String)>>>,
     pub max_wait_us: AtomicU64,
+    /// Content hash → version of statements whose server copies went stale (see `prepared::from_parse`).
+    stmt_versions: Mutex<std::collections::HashMap<u64, u32>>,
+    has_stmt_versions: AtomicBool,
     last_login_error: Mutex<Option<Instant>>,
 }
 
@@ -138,8 +141,25 @@ impl Pool {
             retired: AtomicBool::new(false),
             server_params: Mutex::new(None),
             max_wait_us: AtomicU64::new(0),
+            stmt_versions: Mutex::new(Default::default()),
+            has_stmt_versions: AtomicBool::new(false),
             last_login_error: Mutex::new(None),
         }
+    }
+
+    /// Current version of a statement's content hash (0 until it went stale once).
+    #[inline]
+    pub fn statement_version(&self, content: u64) -> u32 {
+        if !self.has_stmt_versions.load(Ordering::Relaxed) {
+            return 0;
+        }
+        self.stmt_versions.lock().get(&content).copied().unwrap_or(0)
+    }
+
+    /// Marks a statement's server copies stale: the next prepare of that text gets a new server-side name.
+    pub fn bump_statement_version(&self, content: u64) {
+        *self.stmt_versions.lock().entry(content).or_insert(0) += 1;
+        self.has_stmt_versions.store(true, Ordering::Relaxed);
     }
 
     /// Gets a server connection, waiting in FIFO order up to `deadline`.

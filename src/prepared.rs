@@ -17,8 +17,12 @@ use crate::protocol::take_cstr;
 /// One statement as the proxy knows it.
 #[derive(Debug)]
 pub struct Prepared {
-    /// Content hash; the server-side name is derived from it.
+    /// Server-side identity (content hash mixed with its version); the server-side name is derived from it.
     pub hash: u64,
+    /// Hash of the query text and parameter types.
+    pub content: u64,
+    /// The version of `content` this statement was prepared under.
+    pub version: u32,
     /// Server-side name.
     pub name: String,
     /// A complete Parse message that prepares it under `name`.
@@ -38,13 +42,19 @@ pub fn server_name(hash: u64) -> String {
 }
 
 /// Builds the proxy's record of a client Parse body (`name\0query\0nparams types...`). `None` if malformed.
-pub fn from_parse(body: &[u8]) -> Option<(String, Prepared)> {
+///
+/// `version` gives the current version of a content hash: it is bumped when the server-side statement went stale
+/// ("cached plan must not change result type" after DDL), so new prepares get a fresh server statement while clients
+/// holding the old one keep getting PostgreSQL's error, as they would without a pooler.
+pub fn from_parse(body: &[u8], version: impl Fn(u64) -> u32) -> Option<(String, Prepared)> {
     let mut r = body;
     let client_name = take_cstr(&mut r)?.to_string();
     let query = take_cstr(&mut r)?;
     // The rest (parameter type count and OIDs) is part of the identity and copied verbatim.
     let types = r;
-    let hash = content_hash(query.as_bytes(), types);
+    let content = content_hash(query.as_bytes(), types);
+    let v = version(content);
+    let hash = if v == 0 { content } else { content ^ (v as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) };
     let name = server_name(hash);
     let mut parse = BytesMut::with_capacity(1 + 4 + name.len() + 1 + query.len() + 1 + types.len());
     parse.put_u8(b'P');
@@ -58,6 +68,8 @@ pub fn from_parse(body: &[u8]) -> Option<(String, Prepared)> {
         client_name,
         Prepared {
             hash,
+            content,
+            version: v,
             name,
             parse: parse.freeze(),
             qtype: fingerprint::query_type(query),
@@ -304,21 +316,21 @@ mod tests {
         body.extend_from_slice(b"s1\0select $1\0");
         body.extend_from_slice(&1i16.to_be_bytes());
         body.extend_from_slice(&23u32.to_be_bytes());
-        let (n, p) = from_parse(&body).unwrap();
+        let (n, p) = from_parse(&body, |_| 0).unwrap();
         assert_eq!(n, "s1");
         let mut body2 = b"other\0select $1\0".to_vec();
         body2.extend_from_slice(&body[13..]);
-        let (_, p2) = from_parse(&body2).unwrap();
+        let (_, p2) = from_parse(&body2, |_| 0).unwrap();
         assert_eq!(p.hash, p2.hash, "same content, same server statement");
         let mut body3 = b"s1\0select $1\0".to_vec();
         body3.extend_from_slice(&1i16.to_be_bytes());
         body3.extend_from_slice(&25u32.to_be_bytes());
-        assert_ne!(from_parse(&body3).unwrap().1.hash, p.hash, "parameter types are part of the identity");
+        assert_ne!(from_parse(&body3, |_| 0).unwrap().1.hash, p.hash, "parameter types are part of the identity");
         assert_eq!(&p.parse[5..5 + p.name.len()], p.name.as_bytes());
         let mut out = BytesMut::new();
         assert!(rewrite_bind(&mut out, b"\0s1\0\0\0\0\0\0\0", &p.name));
         assert_eq!(out.len(), 1 + 4 + 1 + p.name.len() + 1 + 6);
-        assert!(from_parse(b"noterminator").is_none());
+        assert!(from_parse(b"noterminator", |_| 0).is_none());
     }
 
     #[test]

@@ -37,7 +37,8 @@ enum Expect {
         hash: Option<u64>,
         client: Option<String>,
     },
-    Bind,
+    /// BindComplete ends it; the named statement bound, if any (a stale statement is detected here).
+    Bind(Option<Arc<Prepared>>),
     /// RowDescription or NoData ends it (a statement Describe sends ParameterDescription first, whose types are kept
     /// for the statement).
     Describe(Option<Arc<Prepared>>),
@@ -533,7 +534,8 @@ impl Session {
                     self.expect.push_back(Expect::Parse { swallow: false, hash: None, client: None });
                     return;
                 }
-                let Some((client_name, p)) = prepared::from_parse(body) else {
+                let pool = self.pool.clone();
+                let Some((client_name, p)) = prepared::from_parse(body, |c| pool.statement_version(c)) else {
                     // Malformed: let the server say so.
                     self.out.extend_from_slice(frame);
                     self.expect.push_back(Expect::Parse { swallow: false, hash: None, client: None });
@@ -574,7 +576,10 @@ impl Session {
                     self.out.extend_from_slice(&p.parse);
                     self.expect.push_back(Expect::Parse { swallow: false, hash: None, client: Some(client_name) });
                 } else if srv.statements.touch(p.hash) {
-                    self.expect.push_back(Expect::Synth { msg: Synthetic::ParseComplete, undo: Some(Undo::Forget(client_name)) });
+                    self.expect.push_back(Expect::Synth {
+                        msg: Synthetic::ParseComplete,
+                        undo: Some(Undo::Forget(client_name)),
+                    });
                 } else {
                     self.prepare_on_server(srv, &p, false, Some(client_name));
                 }
@@ -583,8 +588,9 @@ impl Session {
                 self.open_extended = true;
                 let stmt = self.statement_ref(t, body);
                 if t == b'B' {
-                    if let Some(cmd @ (SessionCommand::Set { .. } | SessionCommand::Reset(_) | SessionCommand::ResetAll)) =
-                        stmt.as_ref().and_then(|p| p.session.as_ref())
+                    if let Some(
+                        cmd @ (SessionCommand::Set { .. } | SessionCommand::Reset(_) | SessionCommand::ResetAll),
+                    ) = stmt.as_ref().and_then(|p| p.session.as_ref())
                     {
                         self.group_set = Some(Box::new(cmd.clone()));
                     }
@@ -628,6 +634,17 @@ impl Session {
                             undo: Some(Undo::Restore(name, p)),
                         });
                     }
+                    Some(p) if self.pool.statement_version(p.content) != p.version => {
+                        // Prepared before DDL changed its result type: PostgreSQL would refuse it until re-prepared.
+                        self.expect.push_back(Expect::Synth {
+                            msg: Synthetic::Error(
+                                sqlstate::FEATURE_NOT_SUPPORTED,
+                                "cached plan must not change result type".into(),
+                            ),
+                            undo: None,
+                        });
+                        self.skip_until_sync = true;
+                    }
                     Some(p) => {
                         if !srv.statements.touch(p.hash) {
                             self.prepare_on_server(srv, &p, true, None);
@@ -635,7 +652,7 @@ impl Session {
                         if t == b'B' {
                             self.cur_qtype = p.qtype;
                             prepared::rewrite_bind(&mut self.out, body, &p.name);
-                            self.expect.push_back(Expect::Bind);
+                            self.expect.push_back(Expect::Bind(Some(p.clone())));
                         } else {
                             prepared::statement_message(&mut self.out, b'D', &p.name);
                             self.expect.push_back(Expect::Describe(Some(p.clone())));
@@ -644,7 +661,7 @@ impl Session {
                     None => {
                         self.out.extend_from_slice(frame);
                         self.expect.push_back(match t {
-                            b'B' => Expect::Bind,
+                            b'B' => Expect::Bind(None),
                             b'D' => Expect::Describe(None),
                             _ => Expect::Close { swallow: false },
                         });
@@ -890,17 +907,6 @@ impl Session {
             srv.discard();
             return;
         }
-        if srv.needs_reset {
-            // "cached plan must not change result type" after DDL: drop every statement so the next use re-prepares.
-            let ok =
-                matches!(tokio::time::timeout(Duration::from_secs(5), srv.execute("DEALLOCATE ALL")).await, Ok(Ok(())));
-            if !ok {
-                srv.discard();
-                return;
-            }
-            srv.statements.clear();
-            srv.needs_reset = false;
-        }
         let reset = {
             let cfg = self.shared.config.load();
             let q = &cfg.proxy.server_reset_query;
@@ -1083,7 +1089,10 @@ impl Session {
                         warn!(client = %conn.addr, code = %f.code, error = %f.message, "statement injected by pgrelay failed");
                     }
                     if f.message.contains("cached plan must not change result type") {
-                        srv.needs_reset = true;
+                        // The server-side statement is stale after DDL: new prepares of this text get a fresh one.
+                        if let Some(Expect::Bind(Some(p)) | Expect::Describe(Some(p))) = self.expect.front() {
+                            self.pool.bump_statement_version(p.content);
+                        }
                     }
                     self.on_error(srv);
                 }
@@ -1093,7 +1102,7 @@ impl Session {
                         self.expect.pop_front();
                     }
                 }
-                b'2' => self.pop_if(|e| matches!(e, Expect::Bind)),
+                b'2' => self.pop_if(|e| matches!(e, Expect::Bind(_))),
                 b'3' => {
                     if let Some(Expect::Close { swallow }) = self.expect.front() {
                         forward = !*swallow;
