@@ -81,6 +81,25 @@ pub fn from_parse(body: &[u8], version: impl Fn(u64) -> u32) -> Option<(String, 
     ))
 }
 
+/// The same statement under another version of its content (a fresh server-side name).
+pub fn reversion(p: &Prepared, version: u32) -> Option<Prepared> {
+    // Rebuild the client-side Parse body (name is irrelevant here) and go through the one constructor.
+    let off = 5 + p.name.len() + 1 + p.query.len() + 1;
+    let types = p.parse.get(off..)?;
+    let mut body = Vec::with_capacity(2 + p.query.len() + types.len());
+    body.push(0);
+    body.extend_from_slice(p.query.as_bytes());
+    body.push(0);
+    body.extend_from_slice(types);
+    from_parse(&body, |_| version).map(|(_, mut n)| {
+        if let Some(t) = p.described_types.get() {
+            let _ = n.described_types.set(t.clone());
+        }
+        n.session = p.session.clone();
+        n
+    })
+}
+
 fn content_hash(query: &[u8], types: &[u8]) -> u64 {
     // FNV-1a over both parts with a separator; 64 bits is plenty for the statements one proxy sees.
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;

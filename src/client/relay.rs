@@ -1091,7 +1091,17 @@ impl Session {
                     if f.message.contains("cached plan must not change result type") {
                         // The server-side statement is stale after DDL: new prepares of this text get a fresh one.
                         if let Some(Expect::Bind(Some(p)) | Expect::Describe(Some(p))) = self.expect.front() {
+                            let p = p.clone();
                             self.pool.bump_statement_version(p.content);
+                            // This client retries with the statement it holds: give it the fresh one.
+                            let v = self.pool.statement_version(p.content);
+                            if let Some(fresh) = prepared::reversion(&p, v).map(Arc::new) {
+                                for held in self.statements.values_mut() {
+                                    if held.content == p.content {
+                                        *held = fresh.clone();
+                                    }
+                                }
+                            }
                         }
                     }
                     self.on_error(srv);
