@@ -131,7 +131,8 @@ pub struct ProxyConfig {
     pub tcp_keepidle: u64,
     pub tcp_keepintvl: u64,
     pub shutdown_timeout: Dur,
-    /// Worker threads for the runtime; 0 = one per core.
+    /// Worker threads for the runtime; 0 = one per core. One (like pgBouncer) spends the least CPU per transaction
+    /// when the proxy shares a small host with PostgreSQL (docs/benchmarks.md).
     pub workers: usize,
     /// Parameters a client may set in its startup packet and have applied on every server it gets.
     pub track_extra_parameters: Vec<String>,
@@ -172,7 +173,7 @@ impl Default for ProxyConfig {
             tcp_keepidle: 600,
             tcp_keepintvl: 30,
             shutdown_timeout: Dur::secs(30),
-            workers: 0,
+            workers: 1,
             track_extra_parameters: Vec::new(),
             ignore_startup_parameters: vec!["extra_float_digits".into()],
             observability: true,

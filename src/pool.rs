@@ -164,20 +164,32 @@ impl Pool {
 
     /// Gets a server connection, waiting in FIFO order up to `deadline`.
     pub async fn checkout(self: &Arc<Self>, deadline: Option<Instant>) -> Result<PooledConn> {
-        let start = Instant::now();
+        self.checkout_at(deadline, Instant::now()).await
+    }
+
+    /// `checkout` for a caller that already read the clock (`start`): an idle connection costs no clock read.
+    pub async fn checkout_at(self: &Arc<Self>, deadline: Option<Instant>, start: Instant) -> Result<PooledConn> {
+        let mut immediate = true;
         let settings = self.settings.load_full();
         let reserve_after = self.config.load().proxy.reserve_pool_timeout.0;
         let mut may_use_reserve = settings.reserve_pool_size > 0 && reserve_after.is_zero();
         let mut waiting = false;
         let result = loop {
-            let step = self.step(&settings, may_use_reserve);
+            let step = self.step(&settings, may_use_reserve, start);
             match step {
-                Step::Got(conn) => match self.prepare_idle(conn).await {
+                Step::Got(conn) => match self.prepare_idle(conn, start).await {
                     Some(conn) => break Ok(conn),
-                    None => continue,
+                    None => {
+                        immediate = false;
+                        continue;
+                    }
                 },
-                Step::Connect => break self.open().await,
+                Step::Connect => {
+                    immediate = false;
+                    break self.open().await;
+                }
                 Step::Wait(rx) => {
+                    immediate = false;
                     if !waiting {
                         waiting = true;
                         self.stats.cl_waiting.fetch_add(1, Ordering::Relaxed);
@@ -195,7 +207,7 @@ impl Pool {
                         }
                     };
                     match grant {
-                        Some(Grant::Conn(conn)) => match self.prepare_idle(conn).await {
+                        Some(Grant::Conn(conn)) => match self.prepare_idle(conn, Instant::now()).await {
                             Some(conn) => break Ok(conn),
                             None => continue,
                         },
@@ -208,7 +220,7 @@ impl Pool {
         if waiting {
             self.stats.cl_waiting.fetch_sub(1, Ordering::Relaxed);
         }
-        let waited = start.elapsed();
+        let waited = if immediate { Duration::ZERO } else { start.elapsed() };
         let us = waited.as_micros() as u64;
         self.stats.wait_time_us.fetch_add(us, Ordering::Relaxed);
         self.stats.wait_count.fetch_add(1, Ordering::Relaxed);
@@ -217,12 +229,12 @@ impl Pool {
         result.map(|conn| PooledConn { conn: Some(conn), pool: self.clone() })
     }
 
-    fn step(&self, s: &PoolSettings, reserve: bool) -> Step {
+    fn step(&self, s: &PoolSettings, reserve: bool, now: Instant) -> Step {
         let mut g = self.inner.lock();
         // Idle connections only exist while nobody waits (checkin hands them straight to the queue), so taking one
         // never overtakes a queued client.
         while let Some(conn) = g.idle.pop() {
-            if self.is_usable(&conn) {
+            if self.is_usable(&conn, now) {
                 return Step::Got(conn);
             }
             g.servers.remove(&conn.id);
@@ -245,14 +257,14 @@ impl Pool {
         Step::Wait(rx)
     }
 
-    fn is_usable(&self, conn: &ServerConn) -> bool {
+    fn is_usable(&self, conn: &ServerConn, now: Instant) -> bool {
         let cfg = self.config.load();
         let route = self.route.borrow();
         if conn.generation != route.generation {
             return false;
         }
         if let Some(l) = cfg.proxy.server_lifetime.get() {
-            if conn.created.elapsed() > l {
+            if now.saturating_duration_since(conn.created) > l {
                 return false;
             }
         }
@@ -260,12 +272,12 @@ impl Pool {
     }
 
     /// Checks an idle connection before handing it out (server_check_query after server_check_delay idle).
-    async fn prepare_idle(self: &Arc<Self>, mut conn: ServerConn) -> Option<ServerConn> {
+    async fn prepare_idle(self: &Arc<Self>, mut conn: ServerConn, now: Instant) -> Option<ServerConn> {
         let (delay, query) = {
             let cfg = self.config.load();
             (cfg.proxy.server_check_delay.0, cfg.proxy.server_check_query.clone())
         };
-        if !query.is_empty() && conn.last_used.elapsed() >= delay {
+        if !query.is_empty() && now.saturating_duration_since(conn.last_used) >= delay {
             let ok = tokio::time::timeout(Duration::from_secs(5), conn.execute(&query)).await;
             if !matches!(ok, Ok(Ok(()))) {
                 debug!(pool = %self.key.database, server = conn.id, "server check failed, dropping it");
@@ -379,12 +391,12 @@ impl Pool {
     }
 
     /// Returns a clean, idle connection.
-    fn checkin(&self, mut conn: ServerConn) {
-        if conn.tx_status != b'I' || !self.is_usable(&conn) || self.retired.load(Ordering::Relaxed) {
+    fn checkin(&self, mut conn: ServerConn, now: Instant) {
+        if conn.tx_status != b'I' || !self.is_usable(&conn, now) || self.retired.load(Ordering::Relaxed) {
             self.forget(conn);
             return;
         }
-        conn.last_used = Instant::now();
+        conn.last_used = now;
         let mut g = self.inner.lock();
         while let Some(w) = g.waiters.pop_front() {
             match w.tx.send(Grant::Conn(conn)) {
@@ -417,7 +429,7 @@ impl Pool {
             while i < g.idle.len() {
                 let conn = &g.idle[i];
                 let expired_idle = idle_timeout.is_some_and(|t| conn.last_used.elapsed() > t) && g.total > min;
-                if expired_idle || !self.is_usable(conn) || self.retired.load(Ordering::Relaxed) {
+                if expired_idle || !self.is_usable(conn, Instant::now()) || self.retired.load(Ordering::Relaxed) {
                     let c = g.idle.swap_remove(i);
                     g.servers.remove(&c.id);
                     g.total -= 1;
@@ -444,7 +456,7 @@ impl Pool {
             let pool = self.clone();
             tokio::spawn(async move {
                 if let Ok(conn) = pool.open().await {
-                    pool.checkin(conn);
+                    pool.checkin(conn, Instant::now());
                 }
             });
         }
@@ -514,9 +526,14 @@ pub struct PooledConn {
 
 impl PooledConn {
     /// Returns the connection to its pool; the caller vouches that the server is idle and clean.
-    pub fn release(mut self) {
+    pub fn release(self) {
+        self.release_at(Instant::now());
+    }
+
+    /// `release` with the caller's clock reading.
+    pub fn release_at(mut self, now: Instant) {
         if let Some(c) = self.conn.take() {
-            self.pool.checkin(c);
+            self.pool.checkin(c, now);
         }
     }
 

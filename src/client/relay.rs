@@ -129,6 +129,14 @@ struct Observed {
     prepared: Option<Arc<Prepared>>,
 }
 
+/// What the proxy learns from a query text: fingerprint, statement kind, and whether it is a session command.
+#[derive(Clone, Copy, Debug)]
+struct TextInfo {
+    fp: u64,
+    qtype: QueryType,
+    session: bool,
+}
+
 /// Slots of recent query texts and Bind messages, reused so capture costs a copy, not an allocation.
 const RING: usize = 8;
 
@@ -181,10 +189,12 @@ pub struct Session {
     texts: Vec<TextSlot>,
     binds: Vec<(u32, Vec<u8>)>,
     seq: u32,
-    /// Raw-text hash → fingerprint, so a repeated query is normalised once.
-    fp_cache: HashMap<u64, u64>,
+    /// Raw-text hash → what the proxy reads from a query text, so a repeated query is scanned once.
+    fp_cache: HashMap<u64, TextInfo>,
     rows: u64,
     last_error: Option<String>,
+    /// The clock reading of the last server batch (reused when it ends the transaction).
+    last_now: Instant,
     /// An Execute was forwarded since the last Sync.
     group_exec: bool,
     /// A SET/RESET sent through the extended protocol in this Sync group.
@@ -235,6 +245,7 @@ impl Session {
             rows: 0,
             last_error: None,
             group_exec: false,
+            last_now: Instant::now(),
             group_set: None,
             skip_until_sync: false,
             tx_sets: Vec::new(),
@@ -291,7 +302,7 @@ impl Session {
                     };
                     match r {
                         Ok(true) => {
-                            self.unlink(server.take().expect("linked"), true).await;
+                            self.unlink(server.take().expect("linked"), true, self.last_now).await;
                             if let Some((code, msg)) = self.close_at_boundary.take() {
                                 conn.fatal(code, &msg).await;
                                 break Ok(());
@@ -308,7 +319,7 @@ impl Session {
                                 .await;
                             }
                             if let Some(s) = server.take() {
-                                self.unlink(s, false).await;
+                                self.unlink(s, false, Instant::now()).await;
                             }
                             break Err(e);
                         }
@@ -333,7 +344,7 @@ impl Session {
         // Leaving: a server at a clean boundary goes back, anything else is closed (PostgreSQL rolls back).
         if let Some(s) = server.take() {
             let clean = self.at_boundary(&s);
-            self.unlink(s, clean).await;
+            self.unlink(s, clean, Instant::now()).await;
         }
         result
     }
@@ -454,10 +465,11 @@ impl Session {
                 self.absorbed_unnamed = None;
                 self.absorbed_portal = None;
                 let sql = protocol::query_text(body);
-                self.cur_qtype = query_type(sql);
+                let info = self.text_info(sql);
+                self.cur_qtype = info.qtype;
                 let mut set = None;
                 let mut replaced: Option<String> = None;
-                if rewrites {
+                if rewrites && info.session {
                     match self.session_command(srv, sql) {
                         Absorb::Set(cmd) => set = Some(cmd),
                         Absorb::Replace(text) => replaced = Some(text),
@@ -465,7 +477,7 @@ impl Session {
                     }
                 }
                 let obs = if self.obs_on {
-                    Observed { fp: self.fingerprint(sql), text: self.save_text(sql, &[]), bind: 0, prepared: None }
+                    Observed { fp: info.fp, text: self.save_text(sql, &[]), bind: 0, prepared: None }
                 } else {
                     Observed::default()
                 };
@@ -500,16 +512,12 @@ impl Session {
                     let mut r = body;
                     let _ = take_cstr(&mut r);
                     let sql = take_cstr(&mut r).unwrap_or("");
-                    self.cur_qtype = query_type(sql);
+                    let info = self.text_info(sql);
+                    self.cur_qtype = info.qtype;
                     if self.obs_on {
-                        self.cur = Observed {
-                            fp: self.fingerprint(sql),
-                            text: self.save_text(sql, r),
-                            bind: 0,
-                            prepared: None,
-                        };
+                        self.cur = Observed { fp: info.fp, text: self.save_text(sql, r), bind: 0, prepared: None };
                     }
-                    if rewrites {
+                    if rewrites && info.session {
                         match self.session_command(srv, sql) {
                             Absorb::Set(cmd) => self.group_set = Some(cmd),
                             Absorb::Replace(text) if !text.starts_with("DO") => {
@@ -858,7 +866,7 @@ impl Session {
         }
         let deadline = self.shared.config.load().proxy.query_wait_timeout.get().map(|d| now + d);
         self.pool.stats.cl_active.fetch_add(1, Ordering::Relaxed);
-        let mut srv = match self.pool.checkout(deadline).await {
+        let mut srv = match self.pool.checkout_at(deadline, now).await {
             Ok(s) => s,
             Err(e) => {
                 self.pool.stats.cl_active.fetch_sub(1, Ordering::Relaxed);
@@ -891,16 +899,19 @@ impl Session {
     }
 
     /// Returns or closes the server and marks the client idle.
-    async fn unlink(&mut self, mut srv: PooledConn, clean: bool) {
+    async fn unlink(&mut self, mut srv: PooledConn, clean: bool, now: Instant) {
         *self.info.linked.lock() = None;
         self.info.query_start_us.store(0, Ordering::Relaxed);
         self.pool.stats.cl_active.fetch_sub(1, Ordering::Relaxed);
         if let Some(t) = self.linked_at.take() {
-            self.pool.stats.xact_time_us.fetch_add(t.elapsed().as_micros() as u64, Ordering::Relaxed);
+            self.pool
+                .stats
+                .xact_time_us
+                .fetch_add(now.saturating_duration_since(t).as_micros() as u64, Ordering::Relaxed);
             self.pool.stats.xact_count.fetch_add(1, Ordering::Relaxed);
             self.pool.metrics.transactions.increment(1);
         }
-        self.info.set_state(ClientState::Idle, self.shared.micros(Instant::now()));
+        self.info.set_state(ClientState::Idle, self.shared.micros(now));
         self.expect.clear();
         self.open_extended = false;
         if !clean {
@@ -931,7 +942,7 @@ impl Session {
                 }
             }
         }
-        srv.release();
+        srv.release_at(now);
     }
 
     /// Tells the client its batch could not get a server: an error, then ReadyForQuery for each pending sync.
@@ -1147,6 +1158,9 @@ impl Session {
             srv.rbuf.advance(len);
             self.flush_synth(conn);
         }
+        if let Some(n) = now {
+            self.last_now = n;
+        }
         if !conn.wbuf.is_empty() {
             self.pool.stats.bytes_sent.fetch_add(conn.wbuf.len() as u64, Ordering::Relaxed);
             conn.flush().await?;
@@ -1230,21 +1244,25 @@ impl Session {
     }
 
     /// Fingerprint of a query text, normalising each distinct text once per session.
-    fn fingerprint(&mut self, sql: &str) -> u64 {
+    fn text_info(&mut self, sql: &str) -> TextInfo {
         let mut h: u64 = 0xcbf2_9ce4_8422_2325;
         for &b in sql.as_bytes() {
             h ^= b as u64;
             h = h.wrapping_mul(0x0100_0000_01b3);
         }
-        if let Some(fp) = self.fp_cache.get(&h) {
-            return *fp;
+        if let Some(info) = self.fp_cache.get(&h) {
+            return *info;
         }
         if self.fp_cache.len() >= 1024 {
             self.fp_cache.clear();
         }
-        let fp = crate::observe::fingerprint::fingerprint(sql).max(1);
-        self.fp_cache.insert(h, fp);
-        fp
+        let info = TextInfo {
+            fp: crate::observe::fingerprint::fingerprint(sql).max(1),
+            qtype: query_type(sql),
+            session: prepared::classify(sql).is_some(),
+        };
+        self.fp_cache.insert(h, info);
+        info
     }
 
     fn next_seq(&mut self) -> u32 {
