@@ -172,8 +172,9 @@ async fn pool_recovers_after_postgres_restart() {
     let mut tasks = Vec::new();
     for _ in 0..8 {
         let (url, stop, ok_after) = (url.clone(), stop.clone(), ok_after.clone());
+        // Every client is logged in before the restart: this test is about the pool, not about logins.
+        let mut c = connect(&url).await;
         tasks.push(tokio::spawn(async move {
-            let mut c = connect(&url).await;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 match c.query_one("select 1", &[]).await {
                     Ok(_) => {

@@ -188,17 +188,6 @@ pub fn scan_sites(explain: &Value) -> Vec<ScanSite> {
 
 fn collect_sites(n: &Value, order: &[(String, bool)], out: &mut Vec<ScanSite>) {
     let t = n.get("Node Type").and_then(Value::as_str).unwrap_or("");
-    // A Sort's keys apply to the scan below it when nothing in between changes the row set's order source.
-    let mut order_here: Vec<(String, bool)> = order.to_vec();
-    if t == "Sort" || t == "Incremental Sort" {
-        order_here = n
-            .get("Sort Key")
-            .and_then(Value::as_array)
-            .map(|keys| keys.iter().filter_map(Value::as_str).filter_map(sort_key).collect())
-            .unwrap_or_default();
-    } else if !matches!(t, "Limit" | "Gather" | "Gather Merge" | "Result") {
-        order_here.clear();
-    }
     if let Some(rel) = n.get("Relation Name").and_then(Value::as_str) {
         let mut preds = Vec::new();
         for key in ["Filter", "Index Cond", "Recheck Cond", "Join Filter"] {
@@ -210,16 +199,22 @@ fn collect_sites(n: &Value, order: &[(String, bool)], out: &mut Vec<ScanSite>) {
             relation: rel.to_string(),
             node: node_name(n),
             predicates: preds,
-            order_by: order_here.clone(),
+            order_by: order.to_vec(),
             sequential: t == "Seq Scan",
         });
     }
-    // Join conditions name the inner relation's column: an index on it serves nested loops.
-    if let Some(cond) = n.get("Hash Cond").or(n.get("Merge Cond")).and_then(Value::as_str) {
-        let _ = cond;
-    }
+    // A Sort's keys apply to the scan below it when only order-preserving nodes (Limit, Gather) stand between.
+    let below: Vec<(String, bool)> = match t {
+        "Sort" | "Incremental Sort" => n
+            .get("Sort Key")
+            .and_then(Value::as_array)
+            .map(|keys| keys.iter().filter_map(Value::as_str).filter_map(sort_key).collect())
+            .unwrap_or_default(),
+        "Limit" | "Gather" | "Gather Merge" | "Result" => order.to_vec(),
+        _ => Vec::new(),
+    };
     for c in children(n) {
-        collect_sites(c, &order_here, out);
+        collect_sites(c, &below, out);
     }
 }
 
