@@ -252,14 +252,19 @@ async fn negotiate_encryption(shared: &Shared, mut conn: ClientConn) -> Result<O
             }
         }
         // 2. Look at the next packet without consuming it unless it is an encryption request.
-        while conn.rbuf.len() < 8 {
-            if conn.stream.read_buf(&mut conn.rbuf).await.map_err(Error::Client)? == 0 {
-                return Err(Error::Client(std::io::ErrorKind::UnexpectedEof.into()));
+        //    A length other than 8 is not a request: hand over at once (a client may wait for our error).
+        for want in [4, 8] {
+            while conn.rbuf.len() < want {
+                if conn.stream.read_buf(&mut conn.rbuf).await.map_err(Error::Client)? == 0 {
+                    return Err(Error::Client(std::io::ErrorKind::UnexpectedEof.into()));
+                }
+            }
+            if conn.rbuf[..4] != 8u32.to_be_bytes() {
+                return Ok(Some(conn));
             }
         }
-        let len = u32::from_be_bytes([conn.rbuf[0], conn.rbuf[1], conn.rbuf[2], conn.rbuf[3]]);
         let code = u32::from_be_bytes([conn.rbuf[4], conn.rbuf[5], conn.rbuf[6], conn.rbuf[7]]);
-        if len != 8 || (code != protocol::SSL_REQUEST && code != protocol::GSSENC_REQUEST) {
+        if code != protocol::SSL_REQUEST && code != protocol::GSSENC_REQUEST {
             return Ok(Some(conn));
         }
         conn.rbuf.advance(8);
