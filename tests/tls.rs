@@ -174,7 +174,7 @@ async fn plaintext_refused_under_require() {
     let relay = Relay::start(&pg, "", &tls_section(&c, "require"));
     let e = psql_env(relay.port, "127.0.0.1", &[("PGSSLMODE", "disable")], "select 1").unwrap_err();
     assert!(e.contains("SSL required"), "{e}");
-    let e = try_connect(&relay.url("postgres", PASSWORD)).await.err().expect("plaintext must be refused");
+    let Err(e) = try_connect(&relay.url("postgres", PASSWORD)).await else { panic!("plaintext must be refused") };
     assert_eq!(sqlstate(&e).as_deref(), Some("28000"), "{e}");
     assert_eq!(msg(&e), "SSL required");
     // The admin console too.
