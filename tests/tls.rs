@@ -466,6 +466,8 @@ fn scram_passthrough_with_only_a_verifier() {
     let tail = format!("{}\n{}", tls_section(&c, "require"), server_tls("verify-full", &c.ca));
     let relay = Relay::start(&pg, "", &tail);
     std::fs::write(relay.dir.path().join("userlist.txt"), format!("\"postgres\" \"{verifier}\"\n")).unwrap();
+    // app.rs installs its SIGHUP handler after the port opens; a signal before that would end the process.
+    std::thread::sleep(Duration::from_millis(1000));
     relay.signal("HUP");
     std::thread::sleep(Duration::from_millis(500));
     let env =

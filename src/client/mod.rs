@@ -417,12 +417,13 @@ async fn authenticate(shared: &Arc<Shared>, conn: &mut ClientConn, user: &str, d
         (Some(Secret::Scram(_)), _) => true,
         (_, k) => k == AuthType::ScramSha256,
     };
-    let ok = match (&secret, use_scram) {
+    // `None`: the exchange already sent its own FATAL (malformed messages).
+    let verdict = match (&secret, use_scram) {
         (Some(secret), true) => match ScramServer::new(secret) {
             Ok(server) => scram_exchange(shared, conn, user, database, server, Some(secret)).await?,
             Err(e) => {
                 warn!(user = %user, error = %e, "cannot do SCRAM with this user's secret");
-                false
+                Some(false)
             }
         },
         // Unknown users get the same exchange as known ones, failing only at the proof, so user names
@@ -441,8 +442,11 @@ async fn authenticate(shared: &Arc<Shared>, conn: &mut ClientConn, user: &str, d
                 return Ok(false);
             }
             let resp = body.strip_suffix(b"\0").unwrap_or(&body);
-            secret.as_ref().is_some_and(|s| auth::md5_verify(user, s, salt, resp))
+            Some(secret.as_ref().is_some_and(|s| auth::md5_verify(user, s, salt, resp)))
         }
+    };
+    let Some(ok) = verdict else {
+        return Ok(false);
     };
     if !ok {
         let known = if secret.is_some() { "known" } else { "unknown" };
@@ -458,7 +462,7 @@ async fn authenticate(shared: &Arc<Shared>, conn: &mut ClientConn, user: &str, d
     Ok(ok)
 }
 
-/// One SCRAM exchange. SCRAM-SHA-256-PLUS (tls-server-end-point) is offered only on a TLS connection whose
+/// One SCRAM exchange: `Some(passed)`, or `None` after a FATAL for a malformed message. SCRAM-SHA-256-PLUS (tls-server-end-point) is offered only on a TLS connection whose
 /// certificate has channel binding data. `secret` is `None` for the mock exchange of an unknown user.
 async fn scram_exchange(
     shared: &Arc<Shared>,
@@ -467,7 +471,7 @@ async fn scram_exchange(
     database: &str,
     mut server: ScramServer,
     secret: Option<&Secret>,
-) -> Result<bool> {
+) -> Result<Option<bool>> {
     if let Some(cb) = conn.stream.end_point() {
         server = server.with_channel_binding(&cb);
     }
@@ -481,14 +485,14 @@ async fn scram_exchange(
     if t != b'p' || !server.mechanisms().contains(&mech) || len < 0 || len as usize != r.len() {
         info!(client = %conn.addr, "malformed SASLInitialResponse or unsupported mechanism");
         conn.fatal(sqlstate::PROTOCOL_VIOLATION, "malformed SASLInitialResponse or unsupported mechanism").await;
-        return Ok(false);
+        return Ok(None);
     }
     let first = match server.client_first_with(mech, r) {
         Ok(m) => m,
         Err(e) => {
             info!(client = %conn.addr, error = %e, "bad SCRAM client-first message");
             conn.fatal(sqlstate::PROTOCOL_VIOLATION, &format!("malformed SCRAM message: {e}")).await;
-            return Ok(false);
+            return Ok(None);
         }
     };
     protocol::authentication(&mut conn.wbuf, Authentication::SASLContinue(first.into()));
@@ -496,7 +500,7 @@ async fn scram_exchange(
     let (t, body) = conn.read_message().await?;
     if t != b'p' {
         conn.fatal(sqlstate::PROTOCOL_VIOLATION, "expected SASLResponse").await;
-        return Ok(false);
+        return Ok(None);
     }
     match server.client_final(&body) {
         Ok(fin) => {
@@ -519,12 +523,12 @@ async fn scram_exchange(
                     }
                 }
             }
-            Ok(true)
+            Ok(Some(true))
         }
-        Err(auth::AuthError::BadProof) => Ok(false),
+        Err(auth::AuthError::BadProof) => Ok(Some(false)),
         Err(e) => {
             info!(client = %conn.addr, error = %e, "bad SCRAM client-final message");
-            Ok(false)
+            Ok(Some(false))
         }
     }
 }
