@@ -316,7 +316,8 @@ fn scram_with_malformed_attributes() {
         assert!(read_msg(&mut s).is_none(), "case {i}: socket must close after the error");
     }
     // A good first message, then malformed finals.
-    let finals: Vec<Box<dyn Fn(&str) -> Vec<u8>>> = vec![
+    type Final = Box<dyn Fn(&str) -> Vec<u8>>;
+    let finals: Vec<Final> = vec![
         Box::new(|_| b"c=biws,r=wrongnonce,p=AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=".to_vec()),
         Box::new(|n| format!("c=biws,r={n},p=!!!notbase64").into_bytes()),
         Box::new(|n| format!("c=biws,r={n}").into_bytes()),
