@@ -129,7 +129,7 @@ pub fn prepared(data: &[u8]) {
     if prepared::rewrite_bind(&mut out, b, &prepared::server_name(42)) {
         // A rewritten Bind is one well-framed message.
         let hdr = protocol::frame_header(&out, usize::MAX).ok().flatten();
-        assert_eq!(hdr.map(|(t, len)| (t, len)), Some((b'B', out.len())), "rewrite_bind framed badly");
+        assert_eq!(hdr, Some((b'B', out.len())), "rewrite_bind framed badly");
     }
     let types = observe::parse_param_types(a);
     let _ = observe::bind_params(b, &types);
