@@ -22,6 +22,17 @@ type HmacSha256 = Hmac<Sha256>;
 
 /// The SASL mechanism name to offer in AuthenticationSASL.
 pub const SCRAM_SHA_256: &str = "SCRAM-SHA-256";
+/// The channel-binding variant, offered only over TLS.
+pub const SCRAM_SHA_256_PLUS: &str = "SCRAM-SHA-256-PLUS";
+/// The only channel binding type PostgreSQL defines (RFC 5929).
+pub const TLS_SERVER_END_POINT: &str = "tls-server-end-point";
+
+/// A random key made once per process, from which the mock salts of unknown users are derived
+/// (`ScramServer::mock`). Written once and never changed, so it is a constant in all but name.
+pub fn instance_secret() -> &'static [u8] {
+    static SECRET: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    SECRET.get_or_init(|| random_bytes(32))
+}
 
 /// Any SCRAM message larger than this is refused before it is looked at. Real messages are a few
 /// hundred bytes; the cap bounds the work a peer can make us do.
@@ -741,10 +752,9 @@ impl ServerState {
 
 /// Server side of SCRAM-SHA-256 (pgrelay authenticating a client).
 ///
-/// Channel binding is not offered yet. `channel_binding` holds the tls-server-end-point data once
-/// SCRAM-SHA-256-PLUS is added; while it is `None` we do not advertise PLUS, which is what makes
-/// accepting "y,," correct (RFC 5802 §6: "y" is only a downgrade signal if the server did
-/// advertise channel binding).
+/// `channel_binding` holds the tls-server-end-point data of the connection's certificate; only
+/// then is SCRAM-SHA-256-PLUS advertised. While it is `None`, accepting "y,," is correct (RFC 5802
+/// §6: "y" is only a downgrade signal if the server did advertise channel binding).
 pub struct ScramServer {
     verifier: ScramVerifier,
     server_nonce: String,
@@ -810,18 +820,47 @@ impl ScramServer {
         Ok(ScramServer { verifier, server_nonce, channel_binding: None, state: ServerState::Initial })
     }
 
-    /// client-first-message (the SASLInitialResponse data) -> server-first-message bytes.
+    /// Offers SCRAM-SHA-256-PLUS bound to `end_point`, the tls-server-end-point data of the
+    /// certificate the client's TLS connection used.
+    pub fn with_channel_binding(mut self, end_point: &[u8]) -> ScramServer {
+        self.channel_binding = Some(end_point.to_vec());
+        self
+    }
+
+    /// The mechanisms to advertise in AuthenticationSASL, preferred first.
+    pub fn mechanisms(&self) -> &'static [&'static str] {
+        if self.channel_binding.is_some() {
+            &[SCRAM_SHA_256_PLUS, SCRAM_SHA_256]
+        } else {
+            &[SCRAM_SHA_256]
+        }
+    }
+
+    /// client-first-message (the SASLInitialResponse data) -> server-first-message bytes, for a
+    /// client that selected SCRAM-SHA-256.
     pub fn client_first(&mut self, msg: &[u8]) -> Result<Vec<u8>, AuthError> {
+        self.client_first_with(SCRAM_SHA_256, msg)
+    }
+
+    /// Like `client_first` for the mechanism the client selected. The GS2 flag must agree with it:
+    /// "p=tls-server-end-point" exactly with SCRAM-SHA-256-PLUS, "n"/"y" only with SCRAM-SHA-256.
+    pub fn client_first_with(&mut self, mechanism: &str, msg: &[u8]) -> Result<Vec<u8>, AuthError> {
         if !matches!(self.state, ServerState::Initial) {
             self.state = ServerState::Failed;
             return Err(AuthError::State("client-first-message sent twice"));
         }
         // Any failure ends the exchange: a retry must start a new one.
         self.state = ServerState::Failed;
+        let plus = match mechanism {
+            SCRAM_SHA_256 => false,
+            SCRAM_SHA_256_PLUS if self.channel_binding.is_some() => true,
+            _ => return Err(AuthError::Unsupported("SASL mechanism not offered")),
+        };
         let cf = parse_client_first(msg)?;
-        match cf.cbind_flag {
-            ChannelBindingFlag::None => {}
-            ChannelBindingFlag::ClientSupports => {
+        let mut cbind_input = cf.gs2_header.as_bytes().to_vec();
+        match (&cf.cbind_flag, plus) {
+            (ChannelBindingFlag::None, false) => {}
+            (ChannelBindingFlag::ClientSupports, false) => {
                 if self.channel_binding.is_some() {
                     return Err(AuthError::Unsupported(
                         "client claims the server lacks channel binding, but it offers it \
@@ -829,8 +868,17 @@ impl ScramServer {
                     ));
                 }
             }
-            ChannelBindingFlag::Required(_) => {
-                return Err(AuthError::Unsupported("channel binding (SCRAM-SHA-256-PLUS) is not supported yet"));
+            (ChannelBindingFlag::Required(name), true) => {
+                if name != TLS_SERVER_END_POINT {
+                    return Err(AuthError::Unsupported("channel binding type (only tls-server-end-point)"));
+                }
+                cbind_input.extend_from_slice(self.channel_binding.as_deref().unwrap_or_default());
+            }
+            (ChannelBindingFlag::Required(_), false) => {
+                return Err(AuthError::Unsupported("channel binding requested but SCRAM-SHA-256 selected"));
+            }
+            (_, true) => {
+                return Err(AuthError::Malformed("SCRAM-SHA-256-PLUS selected without channel binding"));
             }
         }
         let combined_nonce = format!("{}{}", cf.nonce, self.server_nonce);
@@ -841,7 +889,7 @@ impl ScramServer {
             client_first_bare: cf.bare.to_string(),
             server_first,
             combined_nonce,
-            cbind_input: cf.gs2_header.as_bytes().to_vec(),
+            cbind_input,
         };
         Ok(out)
     }

@@ -140,6 +140,10 @@ pub struct ProxyConfig {
     pub ignore_startup_parameters: Vec<String>,
     /// Inline timing, fingerprints and slow-query capture; off only to measure what they cost.
     pub observability: bool,
+    /// Not a key: the TLS connector built from `[server_tls]` by `Config::load`. It lives here because
+    /// `ServerConn::connect` is handed only `[proxy]`; rebuilding it on every load is what reloads the CA.
+    #[serde(skip)]
+    pub server_tls: crate::tls::ConnectorSlot,
 }
 
 impl Default for ProxyConfig {
@@ -177,6 +181,7 @@ impl Default for ProxyConfig {
             track_extra_parameters: Vec::new(),
             ignore_startup_parameters: vec!["extra_float_digits".into()],
             observability: true,
+            server_tls: Default::default(),
         }
     }
 }
@@ -221,6 +226,32 @@ pub enum TlsMode {
     Disable,
     Allow,
     Require,
+}
+
+/// The `[server_tls]` table (towards PostgreSQL).
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerTlsConfig {
+    pub mode: ServerTlsMode,
+    /// PEM file of the CA(s) that sign the servers' certificates; needed by verify-ca and verify-full.
+    pub ca_file: Option<PathBuf>,
+}
+
+/// Server-side TLS policy, libpq's `sslmode` names.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum ServerTlsMode {
+    /// Plaintext.
+    #[default]
+    Disable,
+    /// TLS if the server offers it, plaintext otherwise; the certificate is not checked.
+    Prefer,
+    /// TLS or fail; the certificate is not checked (encryption without authentication).
+    Require,
+    /// TLS with a certificate chain to `ca_file`; any host name.
+    VerifyCa,
+    /// TLS with a certificate chain to `ca_file` whose name matches the host.
+    VerifyFull,
 }
 
 /// The `[metrics]` table.
@@ -320,6 +351,7 @@ pub struct Config {
     pub proxy: ProxyConfig,
     pub auth: AuthConfig,
     pub tls: TlsConfig,
+    pub server_tls: ServerTlsConfig,
     pub metrics: MetricsConfig,
     pub slow_query: SlowQueryConfig,
     pub health: HealthConfig,
@@ -363,6 +395,7 @@ impl Config {
             .map(Path::to_path_buf)
             .unwrap_or_else(|| PathBuf::from("."));
         cfg.validate(path)?;
+        cfg.load_tls(path)?;
         Ok(cfg)
     }
 
@@ -401,6 +434,11 @@ impl Config {
         if self.tls.mode != TlsMode::Disable && (self.tls.cert.is_none() || self.tls.key.is_none()) {
             return Err(bad("tls.cert", "tls.mode needs tls.cert and tls.key"));
         }
+        if matches!(self.server_tls.mode, ServerTlsMode::VerifyCa | ServerTlsMode::VerifyFull)
+            && self.server_tls.ca_file.is_none()
+        {
+            return Err(bad("server_tls.ca_file", "verify-ca and verify-full need a CA file"));
+        }
         if self.auth.kind != AuthType::Trust && self.auth.file.is_none() {
             return Err(bad("auth.file", "md5 and scram-sha-256 need a userlist file"));
         }
@@ -434,6 +472,17 @@ impl Config {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// Checks the client-side certificate and key load, and builds the server-side connector.
+    fn load_tls(&mut self, path: &Path) -> Result<(), ConfigError> {
+        let bad =
+            |key: &str, reason: String| ConfigError::Invalid { path: path.to_path_buf(), key: key.into(), reason };
+        crate::tls::Acceptor::from_config(self).map_err(|e| bad("tls.cert", e.to_string()))?;
+        let connector =
+            crate::tls::Connector::from_config(self).map_err(|e| bad("server_tls.ca_file", e.to_string()))?;
+        self.proxy.server_tls = crate::tls::ConnectorSlot(connector);
         Ok(())
     }
 

@@ -7,6 +7,7 @@
 //! - [`health`]: DB health collector (pg_stat views, health score, warnings).
 //! - [`routing`]: where each database lives (static host or Patroni leader).
 //! - [`state`]: the `Arc<Shared>` handed to every task.
+//! - [`tls`]: rustls acceptor (towards clients, reloadable) and connector (towards PostgreSQL).
 //! - [`config`], [`error`], [`observe`]: leaves anyone may use.
 
 pub mod admin;
@@ -25,3 +26,4 @@ pub mod protocol;
 pub mod routing;
 pub mod server;
 pub mod state;
+pub mod tls;

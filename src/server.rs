@@ -39,6 +39,7 @@ impl std::fmt::Display for Target {
 pub enum ServerStream {
     Tcp(TcpStream),
     Unix(UnixStream),
+    Tls(Box<crate::tls::WriteThrough<tokio_rustls::client::TlsStream<TcpStream>>>),
 }
 
 impl AsyncRead for ServerStream {
@@ -46,6 +47,7 @@ impl AsyncRead for ServerStream {
         match self.get_mut() {
             ServerStream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
             ServerStream::Unix(s) => Pin::new(s).poll_read(cx, buf),
+            ServerStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
         }
     }
 }
@@ -55,18 +57,21 @@ impl AsyncWrite for ServerStream {
         match self.get_mut() {
             ServerStream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
             ServerStream::Unix(s) => Pin::new(s).poll_write(cx, buf),
+            ServerStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
         }
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             ServerStream::Tcp(s) => Pin::new(s).poll_flush(cx),
             ServerStream::Unix(s) => Pin::new(s).poll_flush(cx),
+            ServerStream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
         }
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             ServerStream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
             ServerStream::Unix(s) => Pin::new(s).poll_shutdown(cx),
+            ServerStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
     }
 }
@@ -141,7 +146,11 @@ impl ServerConn {
             let s = TcpStream::connect((target.host.as_str(), target.port)).await.map_err(Error::Server)?;
             configure_tcp(&s, proxy);
             let lp = s.local_addr().map(|a| a.port()).unwrap_or(0);
-            (ServerStream::Tcp(s), lp)
+            // As in libpq, Unix sockets are never encrypted.
+            match &proxy.server_tls.0 {
+                Some(tls) => (negotiate_tls(s, tls, &target.host).await?, lp),
+                None => (ServerStream::Tcp(s), lp),
+            }
         };
         let mut conn = ServerConn {
             id: NEXT_SERVER_ID.fetch_add(1, Ordering::Relaxed),
@@ -393,6 +402,29 @@ impl ServerConn {
         let mut out = BytesMut::new();
         protocol::terminate(&mut out);
         let _ = tokio::time::timeout(Duration::from_millis(100), self.stream.write_all(&out)).await;
+    }
+}
+
+/// Sends SSLRequest, reads exactly one byte, then handshakes. Reading more than one byte could swallow
+/// bytes a man in the middle placed after the 'S', which would then be read as if they came through TLS
+/// (CVE-2021-23222); the plain `TcpStream` has no buffer of its own, so nothing is left behind.
+async fn negotiate_tls(mut tcp: TcpStream, tls: &crate::tls::Connector, host: &str) -> Result<ServerStream> {
+    use crate::config::ServerTlsMode;
+    let mut req = [0u8; 8];
+    req[..4].copy_from_slice(&8u32.to_be_bytes());
+    req[4..].copy_from_slice(&protocol::SSL_REQUEST.to_be_bytes());
+    tcp.write_all(&req).await.map_err(Error::Server)?;
+    let mut answer = [0u8; 1];
+    tcp.read_exact(&mut answer).await.map_err(Error::Server)?;
+    match answer[0] {
+        b'S' => {
+            let s = tls.connect(host, tcp).await.map_err(|e| Error::Auth(format!("tls handshake with server: {e}")))?;
+            Ok(ServerStream::Tls(Box::new(crate::tls::WriteThrough::new(s))))
+        }
+        b'N' if tls.mode == ServerTlsMode::Prefer => Ok(ServerStream::Tcp(tcp)),
+        b'N' => Err(Error::Auth(format!("server does not support SSL and server_tls.mode is {:?}", tls.mode))),
+        // An ErrorResponse here comes from a server that predates SSL; its text was not encrypted, so it is not shown.
+        other => Err(Error::ServerProtocol(format!("unexpected answer {other:#04x} to SSLRequest"))),
     }
 }
 

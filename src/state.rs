@@ -125,13 +125,21 @@ pub struct Shared {
     pub paused: AtomicBool,
     pub resumed: Notify,
     pub reload_failures: AtomicU64,
+    /// TLS towards clients; swapped by reload so new handshakes use the new certificate.
+    pub tls: arc_swap::ArcSwapOption<crate::tls::Acceptor>,
 }
 
 impl Shared {
     /// Builds the shared state for a loaded config.
     pub fn new(config: Config, config_path: std::path::PathBuf, userlist: Userlist) -> Arc<Shared> {
         let observer = Arc::new(crate::observe::Observer::new(&config));
+        // Config::load already loaded the certificate once, so this fails only if the files changed since.
+        let tls = crate::tls::Acceptor::from_config(&config).unwrap_or_else(|e| {
+            tracing::error!(error = %e, "tls certificate could not be loaded; TLS is off");
+            None
+        });
         Arc::new(Shared {
+            tls: arc_swap::ArcSwapOption::new(tls),
             observer,
             health: crate::health::HealthMonitor::new(),
             config: Arc::new(ArcSwap::from_pointee(config)),
@@ -225,6 +233,7 @@ impl Shared {
     fn try_reload(&self) -> Result<crate::config::ConfigDiff, String> {
         let new = Config::load(&self.config_path).map_err(|e| e.to_string())?;
         let userlist = load_userlist(&new)?;
+        let tls = crate::tls::Acceptor::from_config(&new).map_err(|e| e.to_string())?;
         let old = self.config.load_full();
         let diff = old.diff(&new);
         for k in &diff.restart {
@@ -234,6 +243,7 @@ impl Shared {
         self.config.store(new.clone());
         self.observer.configure(&new);
         self.userlist.store(Arc::new(userlist));
+        self.tls.store(tls);
         // Pools follow their database entry: sizes in place, a new target or login retires old connections.
         for p in self.pools.iter() {
             let Some(db) = new.databases.get(&p.key.database) else {

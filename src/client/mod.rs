@@ -1,4 +1,5 @@
-//! One client session: startup packet, TLS/GSS refusal, cancel requests, authentication, then the relay loop.
+//! One client session: encryption negotiation (SSLRequest, direct TLS, GSS refusal), startup packet, cancel
+//! requests, authentication, then the relay loop.
 
 mod relay;
 mod stream;
@@ -15,12 +16,12 @@ use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
 use crate::auth::{self, ScramServer, Secret};
-use crate::config::AuthType;
+use crate::config::{AuthType, TlsMode};
 use crate::error::{Error, Result};
 use crate::protocol::{self, sqlstate, StartupPacket};
 use crate::state::{ClientInfo, ClientState, Shared};
 
-pub use stream::ClientStream;
+pub use stream::{ClientStream, TlsClient};
 
 /// Startup parameters that are not session settings.
 const NOT_SETTINGS: &[&str] = &["user", "database", "replication", "options"];
@@ -38,6 +39,8 @@ impl ClientConn {
         if !self.wbuf.is_empty() {
             self.stream.write_all(&self.wbuf).await.map_err(Error::Client)?;
             self.wbuf.clear();
+            // A no-op on TCP; under TLS it pushes out records rustls still holds.
+            self.stream.flush().await.map_err(Error::Client)?;
         }
         Ok(())
     }
@@ -85,15 +88,34 @@ struct Startup {
 pub async fn serve(shared: Arc<Shared>, socket: TcpStream, addr: SocketAddr) {
     let local = socket.local_addr().ok();
     crate::server::configure_tcp(&socket, &shared.config.load().proxy);
-    let mut conn = ClientConn {
+    let conn = ClientConn {
         stream: ClientStream::Tcp(socket),
         rbuf: BytesMut::with_capacity(8 * 1024),
         wbuf: BytesMut::with_capacity(8 * 1024),
         addr,
     };
-    let login_timeout = shared.config.load().proxy.client_login_timeout.get();
-    let startup = match login_timeout {
-        Some(t) => match tokio::time::timeout(t, startup(&shared, &mut conn)).await {
+    // One deadline covers encryption negotiation, the startup packet and authentication.
+    let deadline = shared.config.load().proxy.client_login_timeout.get().map(|t| tokio::time::Instant::now() + t);
+    let negotiated = match deadline {
+        Some(d) => tokio::time::timeout_at(d, negotiate_encryption(&shared, conn)).await,
+        None => Ok(negotiate_encryption(&shared, conn).await),
+    };
+    let mut conn = match negotiated {
+        Ok(Ok(Some(c))) => c,
+        Ok(Ok(None)) => return,
+        Ok(Err(e)) => {
+            if !e.is_disconnect() {
+                info!(client = %addr, error = %e, "client login failed");
+            }
+            return;
+        }
+        Err(_) => {
+            info!(client = %addr, "client_login_timeout before the startup packet: closing");
+            return;
+        }
+    };
+    let startup = match deadline {
+        Some(d) => match tokio::time::timeout_at(d, startup(&shared, &mut conn)).await {
             Ok(r) => r,
             Err(_) => {
                 info!(client = %addr, "client_login_timeout: closing");
@@ -140,7 +162,7 @@ pub async fn serve(shared: Arc<Shared>, socket: TcpStream, addr: SocketAddr) {
         idle_in_tx: Default::default(),
         kill: Default::default(),
         kill_reason: Default::default(),
-        tls: false,
+        tls: conn.stream.is_tls(),
     });
     shared.clients.insert(id, info.clone());
     shared.cancel_keys.insert(cancel_key, info.clone());
@@ -205,46 +227,137 @@ fn authentication_ok(conn: &mut ClientConn, server: &[(String, String)], client:
     protocol::ready_for_query(&mut conn.wbuf, b'I');
 }
 
-/// Runs the startup phase. `Ok(None)` when the connection was a cancel request or was refused.
-async fn startup(shared: &Arc<Shared>, conn: &mut ClientConn) -> Result<Option<Startup>> {
-    let mut negotiations = 0;
-    let (minor, params) = loop {
-        let header = conn.read_exact_n(4).await?;
-        let len = match protocol::startup_len([header[0], header[1], header[2], header[3]]) {
-            Ok(l) => l,
-            Err(e) => {
-                warn!(client = %conn.addr, error = %e, "bad startup packet");
-                conn.fatal(sqlstate::PROTOCOL_VIOLATION, &format!("invalid startup packet: {e}")).await;
-                return Ok(None);
+/// What may come before the startup packet: a direct TLS handshake (first byte 0x16), an SSLRequest
+/// (answered 'S' when TLS is configured, 'N' otherwise) and a GSSENCRequest (always 'N'), each at most once.
+/// Returns the connection, encrypted or not, with the next packet unread; `Ok(None)` when it was refused.
+async fn negotiate_encryption(shared: &Shared, mut conn: ClientConn) -> Result<Option<ClientConn>> {
+    let acceptor = shared.tls.load_full();
+    let (mut ssl_seen, mut gss_seen) = (false, false);
+    loop {
+        // 1. Direct TLS (PostgreSQL 17 sslnegotiation=direct) starts with a handshake record where a packet
+        //    length would be; peek so rustls gets the ClientHello from the socket untouched.
+        if !ssl_seen && !gss_seen {
+            if let ClientStream::Tcp(tcp) = &conn.stream {
+                let mut first = [0u8; 1];
+                if tcp.peek(&mut first).await.map_err(Error::Client)? == 0 {
+                    return Err(Error::Client(std::io::ErrorKind::UnexpectedEof.into()));
+                }
+                if first[0] == 0x16 {
+                    let Some(acceptor) = acceptor else {
+                        info!(client = %conn.addr, "direct TLS handshake but TLS is not configured: closing");
+                        return Ok(None);
+                    };
+                    return upgrade(conn, &acceptor, true).await;
+                }
             }
-        };
-        let body = conn.read_exact_n(len - 4).await?;
-        match protocol::parse_startup(&body) {
-            Ok(StartupPacket::Ssl) | Ok(StartupPacket::GssEnc) if negotiations < 2 => {
-                negotiations += 1;
-                if !conn.rbuf.is_empty() {
-                    // Bytes after an SSLRequest before our answer would be a downgrade/injection attempt.
-                    conn.fatal(sqlstate::PROTOCOL_VIOLATION, "unexpected data after SSL request").await;
-                    return Ok(None);
+        }
+        // 2. Look at the next packet without consuming it unless it is an encryption request.
+        //    A length other than 8 is not a request: hand over at once (a client may wait for our error).
+        for want in [4, 8] {
+            while conn.rbuf.len() < want {
+                if conn.stream.read_buf(&mut conn.rbuf).await.map_err(Error::Client)? == 0 {
+                    return Err(Error::Client(std::io::ErrorKind::UnexpectedEof.into()));
+                }
+            }
+            if conn.rbuf[..4] != 8u32.to_be_bytes() {
+                return Ok(Some(conn));
+            }
+        }
+        let code = u32::from_be_bytes([conn.rbuf[4], conn.rbuf[5], conn.rbuf[6], conn.rbuf[7]]);
+        if code != protocol::SSL_REQUEST && code != protocol::GSSENC_REQUEST {
+            return Ok(Some(conn));
+        }
+        conn.rbuf.advance(8);
+        if !conn.rbuf.is_empty() {
+            // 3. Bytes sent before our answer would be read as if they came through TLS, though they did not
+            //    (CVE-2021-23214): refuse rather than buffer them.
+            warn!(client = %conn.addr, "data after an encryption request before the answer: closing");
+            conn.fatal(sqlstate::PROTOCOL_VIOLATION, "received unencrypted data after SSL request").await;
+            return Ok(None);
+        }
+        match code {
+            protocol::SSL_REQUEST if !ssl_seen => {
+                ssl_seen = true;
+                if let Some(acceptor) = &acceptor {
+                    conn.stream.write_all(b"S").await.map_err(Error::Client)?;
+                    return upgrade(conn, acceptor, false).await;
                 }
                 conn.stream.write_all(b"N").await.map_err(Error::Client)?;
             }
-            Ok(StartupPacket::Ssl) | Ok(StartupPacket::GssEnc) => {
+            protocol::GSSENC_REQUEST if !gss_seen => {
+                gss_seen = true;
+                conn.stream.write_all(b"N").await.map_err(Error::Client)?;
+            }
+            _ => {
                 conn.fatal(sqlstate::PROTOCOL_VIOLATION, "too many encryption requests").await;
                 return Ok(None);
             }
-            Ok(StartupPacket::Cancel { pid, key }) => {
-                forward_cancel(shared, pid, key).await;
-                return Ok(None);
-            }
-            Ok(StartupPacket::Startup { minor, params }) => break (minor, params),
-            Err(e) => {
-                warn!(client = %conn.addr, error = %e, "bad startup packet");
-                conn.fatal(sqlstate::PROTOCOL_VIOLATION, &e.to_string()).await;
-                return Ok(None);
-            }
+        }
+    }
+}
+
+/// Runs the TLS handshake on the plain socket. Direct TLS must have negotiated ALPN "postgresql" (as in
+/// PostgreSQL 17), so a TLS client of some other protocol pointed at us is not mistaken for one of ours.
+async fn upgrade(conn: ClientConn, acceptor: &crate::tls::Acceptor, direct: bool) -> Result<Option<ClientConn>> {
+    let ClientConn { stream, rbuf, wbuf, addr } = conn;
+    let ClientStream::Tcp(tcp) = stream else {
+        // negotiate_encryption upgrades at most once and returns right after.
+        return Ok(None);
+    };
+    let tls = match acceptor.accept(tcp).await {
+        Ok(t) => t,
+        Err(e) => {
+            info!(client = %addr, error = %e, direct, "tls handshake failed");
+            return Ok(None);
         }
     };
+    if direct && tls.get_ref().1.alpn_protocol() != Some(crate::tls::ALPN_POSTGRESQL) {
+        info!(client = %addr, "direct TLS without ALPN \"postgresql\": closing");
+        return Ok(None);
+    }
+    debug!(client = %addr, direct, "tls established");
+    let stream = ClientStream::Tls(Box::new(TlsClient {
+        io: crate::tls::WriteThrough::new(tls),
+        end_point: acceptor.end_point.clone(),
+    }));
+    Ok(Some(ClientConn { stream, rbuf, wbuf, addr }))
+}
+
+/// Runs the startup phase. `Ok(None)` when the connection was a cancel request or was refused.
+async fn startup(shared: &Arc<Shared>, conn: &mut ClientConn) -> Result<Option<Startup>> {
+    let header = conn.read_exact_n(4).await?;
+    let len = match protocol::startup_len([header[0], header[1], header[2], header[3]]) {
+        Ok(l) => l,
+        Err(e) => {
+            warn!(client = %conn.addr, error = %e, "bad startup packet");
+            conn.fatal(sqlstate::PROTOCOL_VIOLATION, &format!("invalid startup packet: {e}")).await;
+            return Ok(None);
+        }
+    };
+    let body = conn.read_exact_n(len - 4).await?;
+    let (minor, params) = match protocol::parse_startup(&body) {
+        // negotiate_encryption took every request that may come before the startup packet.
+        Ok(StartupPacket::Ssl) | Ok(StartupPacket::GssEnc) => {
+            warn!(client = %conn.addr, "encryption request after negotiation");
+            conn.fatal(sqlstate::PROTOCOL_VIOLATION, "unexpected encryption request").await;
+            return Ok(None);
+        }
+        Ok(StartupPacket::Cancel { pid, key }) => {
+            forward_cancel(shared, pid, key).await;
+            return Ok(None);
+        }
+        Ok(StartupPacket::Startup { minor, params }) => (minor, params),
+        Err(e) => {
+            warn!(client = %conn.addr, error = %e, "bad startup packet");
+            conn.fatal(sqlstate::PROTOCOL_VIOLATION, &e.to_string()).await;
+            return Ok(None);
+        }
+    };
+    if shared.config.load().tls.mode == TlsMode::Require && !conn.stream.is_tls() {
+        info!(client = %conn.addr, "plaintext startup refused: tls.mode = require");
+        conn.fatal(sqlstate::INVALID_AUTHORIZATION, "SSL required").await;
+        return Ok(None);
+    }
     let unsupported: Vec<String> =
         params.iter().filter(|(k, _)| k.starts_with("_pq_.")).map(|(k, _)| k.clone()).collect();
     if minor > 0 || !unsupported.is_empty() {
@@ -297,78 +410,89 @@ async fn authenticate(shared: &Arc<Shared>, conn: &mut ClientConn, user: &str, d
         return Ok(true);
     }
     let secret = shared.userlist.load().get(user).cloned();
-    let refuse = |conn: &mut ClientConn| {
+    // An md5 hash can only do md5, a SCRAM verifier only SCRAM; a plaintext password (or an unknown user)
+    // follows `type`.
+    let use_scram = match (&secret, kind) {
+        (Some(Secret::Md5(_)), _) => false,
+        (Some(Secret::Scram(_)), _) => true,
+        (_, k) => k == AuthType::ScramSha256,
+    };
+    // `None`: the exchange already sent its own FATAL (malformed messages).
+    let verdict = match (&secret, use_scram) {
+        (Some(secret), true) => match ScramServer::new(secret) {
+            Ok(server) => scram_exchange(shared, conn, user, database, server, Some(secret)).await?,
+            Err(e) => {
+                warn!(user = %user, error = %e, "cannot do SCRAM with this user's secret");
+                Some(false)
+            }
+        },
+        // Unknown users get the same exchange as known ones, failing only at the proof, so user names
+        // cannot be probed.
+        (None, true) => {
+            let server = ScramServer::mock(user, auth::instance_secret());
+            scram_exchange(shared, conn, user, database, server, None).await?
+        }
+        (secret, false) => {
+            let salt: [u8; 4] = rand::random();
+            protocol::authentication(&mut conn.wbuf, Authentication::MD5Password(salt.to_vec()));
+            conn.flush().await?;
+            let (t, body) = conn.read_message().await?;
+            if t != b'p' {
+                conn.fatal(sqlstate::PROTOCOL_VIOLATION, "expected password message").await;
+                return Ok(false);
+            }
+            let resp = body.strip_suffix(b"\0").unwrap_or(&body);
+            Some(secret.as_ref().is_some_and(|s| auth::md5_verify(user, s, salt, resp)))
+        }
+    };
+    let Some(ok) = verdict else {
+        return Ok(false);
+    };
+    if !ok {
+        let known = if secret.is_some() { "known" } else { "unknown" };
+        info!(client = %conn.addr, user = %user, user_is = known, "password authentication failed");
         protocol::error_response(
             &mut conn.wbuf,
             "FATAL",
             sqlstate::INVALID_PASSWORD,
             &format!("password authentication failed for user \"{user}\""),
         );
-    };
-    let Some(secret) = secret else {
-        info!(client = %conn.addr, user = %user, "unknown user");
-        refuse(conn);
-        conn.flush().await?;
-        return Ok(false);
-    };
-    // An md5 hash can only do md5, a SCRAM verifier only SCRAM; a plaintext password follows `type`.
-    let use_scram = match (&secret, kind) {
-        (Secret::Md5(_), _) => false,
-        (Secret::Scram(_), _) => true,
-        (Secret::Plain(_), k) => k == AuthType::ScramSha256,
-    };
-    let ok = if use_scram {
-        scram_exchange(shared, conn, user, database, &secret).await?
-    } else {
-        let salt: [u8; 4] = rand::random();
-        protocol::authentication(&mut conn.wbuf, Authentication::MD5Password(salt.to_vec()));
-        conn.flush().await?;
-        let (t, body) = conn.read_message().await?;
-        if t != b'p' {
-            conn.fatal(sqlstate::PROTOCOL_VIOLATION, "expected password message").await;
-            return Ok(false);
-        }
-        let resp = body.strip_suffix(b"\0").unwrap_or(&body);
-        auth::md5_verify(user, &secret, salt, resp)
-    };
-    if !ok {
-        info!(client = %conn.addr, user = %user, "password authentication failed");
-        refuse(conn);
         conn.flush().await?;
     }
     Ok(ok)
 }
 
+/// One SCRAM exchange: `Some(passed)`, or `None` after a FATAL for a malformed message. SCRAM-SHA-256-PLUS (tls-server-end-point) is offered only on a TLS connection whose
+/// certificate has channel binding data. `secret` is `None` for the mock exchange of an unknown user.
 async fn scram_exchange(
     shared: &Arc<Shared>,
     conn: &mut ClientConn,
     user: &str,
     database: &str,
-    secret: &Secret,
-) -> Result<bool> {
-    let mut server = match ScramServer::new(secret) {
-        Ok(s) => s,
-        Err(e) => {
-            warn!(user = %user, error = %e, "cannot do SCRAM with this user's secret");
-            return Ok(false);
-        }
-    };
-    protocol::authentication(&mut conn.wbuf, Authentication::SASL(vec!["SCRAM-SHA-256".into()]));
+    mut server: ScramServer,
+    secret: Option<&Secret>,
+) -> Result<Option<bool>> {
+    if let Some(cb) = conn.stream.end_point() {
+        server = server.with_channel_binding(&cb);
+    }
+    let mechanisms = server.mechanisms().iter().map(|m| m.to_string()).collect();
+    protocol::authentication(&mut conn.wbuf, Authentication::SASL(mechanisms));
     conn.flush().await?;
     let (t, body) = conn.read_message().await?;
     let mut r = &body[..];
     let mech = protocol::take_cstr(&mut r).unwrap_or("");
     let len = protocol::take_i32(&mut r).unwrap_or(-1);
-    if t != b'p' || mech != "SCRAM-SHA-256" || len < 0 || len as usize != r.len() {
+    if t != b'p' || !server.mechanisms().contains(&mech) || len < 0 || len as usize != r.len() {
+        info!(client = %conn.addr, "malformed SASLInitialResponse or unsupported mechanism");
         conn.fatal(sqlstate::PROTOCOL_VIOLATION, "malformed SASLInitialResponse or unsupported mechanism").await;
-        return Ok(false);
+        return Ok(None);
     }
-    let first = match server.client_first(r) {
+    let first = match server.client_first_with(mech, r) {
         Ok(m) => m,
         Err(e) => {
             info!(client = %conn.addr, error = %e, "bad SCRAM client-first message");
             conn.fatal(sqlstate::PROTOCOL_VIOLATION, &format!("malformed SCRAM message: {e}")).await;
-            return Ok(false);
+            return Ok(None);
         }
     };
     protocol::authentication(&mut conn.wbuf, Authentication::SASLContinue(first.into()));
@@ -376,12 +500,12 @@ async fn scram_exchange(
     let (t, body) = conn.read_message().await?;
     if t != b'p' {
         conn.fatal(sqlstate::PROTOCOL_VIOLATION, "expected SASLResponse").await;
-        return Ok(false);
+        return Ok(None);
     }
     match server.client_final(&body) {
         Ok(fin) => {
             protocol::authentication(&mut conn.wbuf, Authentication::SASLFinal(fin.into()));
-            if let (Some(ck), Secret::Scram(v)) = (server.client_key(), secret) {
+            if let (Some(ck), Some(Secret::Scram(v))) = (server.client_key(), secret) {
                 // The server may want SCRAM too and we only hold the verifier: reuse the keys this client proved.
                 let cfg = shared.config.load();
                 let server_user_is_client =
@@ -399,11 +523,12 @@ async fn scram_exchange(
                     }
                 }
             }
-            Ok(true)
+            Ok(Some(true))
         }
+        Err(auth::AuthError::BadProof) => Ok(Some(false)),
         Err(e) => {
-            debug!(client = %conn.addr, error = %e, "scram proof rejected");
-            Ok(false)
+            info!(client = %conn.addr, error = %e, "bad SCRAM client-final message");
+            Ok(Some(false))
         }
     }
 }
