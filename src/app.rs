@@ -8,13 +8,22 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::net::{TcpListener, TcpStream};
-use tokio::signal::unix::{signal, SignalKind};
+use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
 use crate::config::Config;
 use crate::protocol::{self, sqlstate};
 use crate::state::{load_userlist, ClientState, Shared};
+
+/// SIGHUP, SIGTERM and SIGINT streams.
+pub type SignalHandlers = std::io::Result<(Signal, Signal, Signal)>;
+
+/// Installs the signal handlers; call it before binding, so a SIGHUP right after start reloads instead of killing the
+/// process (the default action).
+pub fn signal_handlers() -> SignalHandlers {
+    Ok((signal(SignalKind::hangup())?, signal(SignalKind::terminate())?, signal(SignalKind::interrupt())?))
+}
 
 /// How the process was asked to stop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,7 +52,7 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 }
 
 /// Runs the proxy until a signal or SHUTDOWN; `listener` is already bound.
-pub async fn run(shared: Arc<Shared>, listener: TcpListener) -> std::io::Result<()> {
+pub async fn run(shared: Arc<Shared>, listener: TcpListener, handlers: SignalHandlers) -> std::io::Result<()> {
     raise_fd_limit();
     let tracker = TaskTracker::new();
     let cfg = shared.config.load_full();
@@ -71,7 +80,7 @@ pub async fn run(shared: Arc<Shared>, listener: TcpListener) -> std::io::Result<
         ));
     }
     tokio::spawn(janitor(shared.clone()));
-    let stop = tokio::spawn(signals(shared.clone()));
+    let stop = tokio::spawn(signals(shared.clone(), handlers));
     info!(addr = %listener.local_addr()?, "pgrelay listening");
     loop {
         tokio::select! {
@@ -152,10 +161,8 @@ fn accept(shared: &Arc<Shared>, tracker: &TaskTracker, sock: TcpStream, addr: So
 }
 
 /// Waits for SIGHUP (reload), SIGTERM (drain) and SIGINT (fast exit).
-async fn signals(shared: Arc<Shared>) -> Stop {
-    let (Ok(mut hup), Ok(mut term), Ok(mut int)) =
-        (signal(SignalKind::hangup()), signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
-    else {
+async fn signals(shared: Arc<Shared>, handlers: std::io::Result<(Signal, Signal, Signal)>) -> Stop {
+    let Ok((mut hup, mut term, mut int)) = handlers else {
         error!("cannot install signal handlers");
         return Stop::Drain;
     };

@@ -116,8 +116,9 @@ fn run(path: &std::path::Path) -> ExitCode {
         }
     };
     let r = rt.block_on(async move {
+        let handlers = pgrelay::app::signal_handlers();
         let listener = pgrelay::app::bind(addr)?;
-        pgrelay::app::run(shared, listener).await
+        pgrelay::app::run(shared, listener, handlers).await
     });
     match r {
         Ok(()) => ExitCode::SUCCESS,

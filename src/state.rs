@@ -125,6 +125,9 @@ pub struct Shared {
     pub paused: AtomicBool,
     pub resumed: Notify,
     pub reload_failures: AtomicU64,
+    /// SCRAM verifiers made from plaintext userlist passwords, once per user and password (PBKDF2 is the expensive
+    /// part of a login).
+    pub plain_verifiers: DashMap<String, (String, crate::auth::Secret)>,
     /// TLS towards clients; swapped by reload so new handshakes use the new certificate.
     pub tls: arc_swap::ArcSwapOption<crate::tls::Acceptor>,
 }
@@ -160,7 +163,22 @@ impl Shared {
             paused: AtomicBool::new(false),
             resumed: Notify::new(),
             reload_failures: AtomicU64::new(0),
+            plain_verifiers: DashMap::new(),
         })
+    }
+
+    /// The secret a SCRAM exchange with a client uses: a plaintext password becomes a verifier, computed once.
+    pub fn scram_secret(&self, user: &str, secret: &crate::auth::Secret) -> crate::auth::Secret {
+        let crate::auth::Secret::Plain(pw) = secret else { return secret.clone() };
+        if let Some(e) = self.plain_verifiers.get(user) {
+            if e.0 == *pw {
+                return e.1.clone();
+            }
+        }
+        let salt: [u8; 16] = rand::random();
+        let v = crate::auth::Secret::Scram(crate::auth::ScramVerifier::from_password(pw, &salt, 4096));
+        self.plain_verifiers.insert(user.to_string(), (pw.clone(), v.clone()));
+        v
     }
 
     /// Micros since start, for cheap timestamps in atomics.

@@ -419,7 +419,7 @@ async fn authenticate(shared: &Arc<Shared>, conn: &mut ClientConn, user: &str, d
     };
     // `None`: the exchange already sent its own FATAL (malformed messages).
     let verdict = match (&secret, use_scram) {
-        (Some(secret), true) => match ScramServer::new(secret) {
+        (Some(secret), true) => match ScramServer::new(&shared.scram_secret(user, secret)) {
             Ok(server) => scram_exchange(shared, conn, user, database, server, Some(secret)).await?,
             Err(e) => {
                 warn!(user = %user, error = %e, "cannot do SCRAM with this user's secret");
