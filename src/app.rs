@@ -59,8 +59,12 @@ pub fn listen(shared: &Shared, addr: SocketAddr) -> std::io::Result<TcpListener>
                     l.set_nonblocking(true)?;
                     return TcpListener::from_std(l);
                 }
-                Ok(l) => warn!(pid = old, theirs = ?l.local_addr().ok(), ours = %addr, "running pgrelay listens elsewhere; binding"),
-                Err(e) => warn!(pid = old, error = %e, "could not take over the listener; binding beside it (SO_REUSEPORT)"),
+                Ok(l) => {
+                    warn!(pid = old, theirs = ?l.local_addr().ok(), ours = %addr, "running pgrelay listens elsewhere; binding")
+                }
+                Err(e) => {
+                    warn!(pid = old, error = %e, "could not take over the listener; binding beside it (SO_REUSEPORT)")
+                }
             }
         }
     }
@@ -180,7 +184,13 @@ fn start_patroni(shared: &Arc<Shared>) {
     }
 }
 
-fn accept(shared: &Arc<Shared>, tracker: &TaskTracker, sock: TcpStream, addr: SocketAddr, run_dir: Option<Arc<RunDir>>) {
+fn accept(
+    shared: &Arc<Shared>,
+    tracker: &TaskTracker,
+    sock: TcpStream,
+    addr: SocketAddr,
+    run_dir: Option<Arc<RunDir>>,
+) {
     let max = shared.config.load().proxy.max_client_conn;
     let n = shared.client_count.fetch_add(1, Ordering::AcqRel);
     let shared = shared.clone();
@@ -273,7 +283,10 @@ async fn retire(
             return Stop::Drain;
         }
         if start.elapsed() >= timeout {
-            warn!(clients = shared.clients.len(), "retire: shutdown_timeout reached; closing clients at transaction boundaries");
+            warn!(
+                clients = shared.clients.len(),
+                "retire: shutdown_timeout reached; closing clients at transaction boundaries"
+            );
             return Stop::Drain;
         }
         tokio::select! {

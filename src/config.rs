@@ -524,7 +524,9 @@ pub const RESTART_KEYS: &[&str] = &["proxy.listen", "proxy.workers", "proxy.pidf
 
 /// Whether a change of `key` needs a restart: the listeners, the runtime, and the Patroni wiring.
 pub fn needs_restart(key: &str) -> bool {
-    RESTART_KEYS.contains(&key) || key.starts_with("patroni.") || (key.starts_with("databases.") && key.ends_with(".patroni"))
+    RESTART_KEYS.contains(&key)
+        || key.starts_with("patroni.")
+        || (key.starts_with("databases.") && key.ends_with(".patroni"))
 }
 
 /// The difference between two configs.

@@ -72,13 +72,16 @@ fn metric(relay: &Relay, name: &str) -> f64 {
 }
 
 fn pgbench_failed(out: &str) -> Option<u64> {
-    out.lines().find_map(|l| l.strip_prefix("number of failed transactions: ")).and_then(|v| v.split(' ').next()?.parse().ok())
+    out.lines()
+        .find_map(|l| l.strip_prefix("number of failed transactions: "))
+        .and_then(|v| v.split(' ').next()?.parse().ok())
 }
 
 #[test]
 fn pgbench_through_twenty_reloads_with_real_changes() {
     let pg = Pg::start();
-    let (out, ok) = pgbench(&["-i", "-s", "2", "-h", "127.0.0.1", "-p", &pg.port.to_string(), "-U", "postgres", "postgres"]);
+    let (out, ok) =
+        pgbench(&["-i", "-s", "2", "-h", "127.0.0.1", "-p", &pg.port.to_string(), "-U", "postgres", "postgres"]);
     assert!(ok, "pgbench -i: {out}");
     let relay = Relay::start(&pg, "default_pool_size = 10\nquery_wait_timeout = \"20s\"", "[health]\nenabled = false");
     let port = relay.port.to_string();
@@ -89,8 +92,10 @@ fn pgbench_through_twenty_reloads_with_real_changes() {
         })
     };
     let common = |extra: &[&str]| -> Vec<String> {
-        let mut v: Vec<String> =
-            ["-h", "127.0.0.1", "-p", &port, "-U", "postgres", "-T", "20", "-j", "2", "-n"].iter().map(|s| s.to_string()).collect();
+        let mut v: Vec<String> = ["-h", "127.0.0.1", "-p", &port, "-U", "postgres", "-T", "20", "-j", "2", "-n"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
         v.extend(extra.iter().map(|s| s.to_string()));
         v.push("postgres".into());
         v
@@ -162,7 +167,8 @@ fn pgbench_through_twenty_reloads_with_real_changes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resize_in_place_and_untouched_pools_keep_their_connections() {
     let pg = Pg::start();
-    let other = format!("[databases.other]\nhost = \"127.0.0.1\"\nport = {}\ndbname = \"postgres\"\npool_size = 1", pg.port);
+    let other =
+        format!("[databases.other]\nhost = \"127.0.0.1\"\nport = {}\ndbname = \"postgres\"\npool_size = 1", pg.port);
     let relay = Relay::start(&pg, "default_pool_size = 8", &format!("[health]\nenabled = false\n\n{other}"));
     let other_url = format!("host=127.0.0.1 port={} user=postgres password={PASSWORD} dbname=other", relay.port);
     let o = connect(&other_url).await;
@@ -178,11 +184,16 @@ async fn resize_in_place_and_untouched_pools_keep_their_connections() {
     for c in &clients {
         c.batch_execute("commit").await.unwrap();
     }
-    let backends = || pg.psql("select count(*) from pg_stat_activity where backend_type = 'client backend' and pid <> pg_backend_pid()");
+    let backends = || {
+        pg.psql(
+            "select count(*) from pg_stat_activity where backend_type = 'client backend' and pid <> pg_backend_pid()",
+        )
+    };
     assert_eq!(backends(), "9", "8 for postgres + 1 for other");
 
     // Shrink to 3: the surplus idle servers close at once.
-    let tail = format!("[databases.other]\nhost = \"127.0.0.1\"\nport = {}\ndbname = \"postgres\"\npool_size = 1\n", pg.port);
+    let tail =
+        format!("[databases.other]\nhost = \"127.0.0.1\"\nport = {}\ndbname = \"postgres\"\npool_size = 1\n", pg.port);
     write_config(&relay, pg.port, "default_pool_size = 3", &tail);
     hup_and_wait(&relay, "config reloaded");
     let deadline = Instant::now() + Duration::from_secs(2);
@@ -321,9 +332,11 @@ async fn database_moved_to_another_server_drains_and_reconnects() {
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     let from_relay = |pg: &Pg| {
-        pg.psql("select count(*) from pg_stat_activity where backend_type = 'client backend' and pid <> pg_backend_pid()")
-            .parse::<usize>()
-            .unwrap()
+        pg.psql(
+            "select count(*) from pg_stat_activity where backend_type = 'client backend' and pid <> pg_backend_pid()",
+        )
+        .parse::<usize>()
+        .unwrap()
     };
     assert!(from_relay(&one) >= 2);
 

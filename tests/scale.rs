@@ -199,7 +199,9 @@ fn ten_thousand_clients_small_memory_and_fifo_waiters() {
         .collect();
     let fifo_start = Instant::now();
     for (i, s) in queued.iter_mut().enumerate() {
-        let sql = format!("select {i} || ' ' || (extract(epoch from clock_timestamp()) * 1000000)::bigint from pg_sleep(0.05)");
+        let sql = format!(
+            "select {i} || ' ' || (extract(epoch from clock_timestamp()) * 1000000)::bigint from pg_sleep(0.05)"
+        );
         s.write_all(&query_packet(&sql)).unwrap();
         // Arrival order must be unambiguous: let the relay queue this one before the next arrives.
         std::thread::sleep(Duration::from_millis(5));

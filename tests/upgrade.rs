@@ -36,7 +36,8 @@ fn processed(out: &str) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upgrade_under_pgbench_refuses_nothing_and_cancels_cross_over() {
     let pg = Pg::start();
-    let (out, ok) = pgbench(&["-i", "-s", "1", "-h", "127.0.0.1", "-p", &pg.port.to_string(), "-U", "postgres", "postgres"]);
+    let (out, ok) =
+        pgbench(&["-i", "-s", "1", "-h", "127.0.0.1", "-p", &pg.port.to_string(), "-U", "postgres", "postgres"]);
     assert!(ok, "{out}");
     // Trust for clients, so the connection-per-transaction pgbench opens hundreds of connections a second.
     let mut relay = Relay::start(
@@ -44,7 +45,8 @@ async fn upgrade_under_pgbench_refuses_nothing_and_cancels_cross_over() {
         "default_pool_size = 10\npidfile = \"pgrelay.pid\"\nshutdown_timeout = \"60s\"",
         "[health]\nenabled = false",
     );
-    let cfg = std::fs::read_to_string(relay.config_path()).unwrap().replace("type = \"scram-sha-256\"", "type = \"trust\"");
+    let cfg =
+        std::fs::read_to_string(relay.config_path()).unwrap().replace("type = \"scram-sha-256\"", "type = \"trust\"");
     std::fs::write(relay.config_path(), cfg).unwrap();
     relay.signal("INT");
     assert!(relay.wait_exit(Duration::from_secs(10)));

@@ -299,7 +299,11 @@ fn recv_fd(s: &UnixStream) -> std::io::Result<RawFd> {
             return Err(std::io::Error::other("no descriptor in the answer"));
         }
         let mut fd: RawFd = -1;
-        std::ptr::copy_nonoverlapping(libc::CMSG_DATA(c), &mut fd as *mut RawFd as *mut u8, std::mem::size_of::<RawFd>());
+        std::ptr::copy_nonoverlapping(
+            libc::CMSG_DATA(c),
+            &mut fd as *mut RawFd as *mut u8,
+            std::mem::size_of::<RawFd>(),
+        );
         Ok(fd)
     }
 }
