@@ -77,7 +77,8 @@ CONF
 chown -R postgres:postgres "$W"
 RUST_LOG=warn "$RELAY" --config "$W/proxy.toml" >"$W/pgrelay.log" 2>&1 &
 RELAY_PID=$!
-as_pg pgbouncer -q "$W/pgbouncer.ini" &
+# Not through the as_pg function: a backgrounded function is a subshell, and $! would be that shell, not pgbouncer.
+setpriv --reuid=postgres --regid=postgres --init-groups pgbouncer -q "$W/pgbouncer.ini" &
 BOUNCER_PID=$!
 for p in $RP $BP; do
   for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$p) 2>/dev/null && break; sleep 0.1; done
