@@ -97,8 +97,12 @@ idle_rss() { # name pid port n
   grep -q ready "$W/hold.out" || { echo "$1: $4 idle clients did not connect"; cat "$W/hold.out"; }
   sleep 1
   rss1=$(rss "$2")
-  printf '%-10s %6d idle clients: RSS %8d KiB (base %d KiB) = %7.0f bytes per client\n' "$1" "$4" "$rss1" "$rss0" \
-    "$(echo "($rss1 - $rss0) * 1024 / ($4 + ($4 == 0))" | bc -l)"
+  if [ "$4" -gt 0 ]; then
+    printf '%-10s %6d idle clients: RSS %8d KiB (base %d KiB) = %7.0f bytes per client\n' "$1" "$4" "$rss1" "$rss0" \
+      "$(echo "($rss1 - $rss0) * 1024 / $4" | bc -l)"
+  else
+    printf '%-10s %6d idle clients: RSS %8d KiB\n' "$1" 0 "$rss1"
+  fi
   exec 5>&-; wait "$HOLD_PID" 2>/dev/null || true; HOLD_PID=
   rm -f "$fifo"; sleep 1
 }
