@@ -16,14 +16,21 @@ use crate::config::Config;
 use crate::protocol::{self, sqlstate};
 use crate::state::{load_userlist, ClientState, Shared};
 
-/// SIGHUP, SIGTERM and SIGINT streams.
-pub type SignalHandlers = std::io::Result<(Signal, Signal, Signal)>;
+/// SIGHUP, SIGTERM, SIGINT and SIGUSR2 streams.
+pub type SignalHandlers = std::io::Result<(Signal, Signal, Signal, Signal)>;
 
 /// Installs the signal handlers; call it before binding, so a SIGHUP right after start reloads instead of killing the
 /// process (the default action).
 pub fn signal_handlers() -> SignalHandlers {
-    Ok((signal(SignalKind::hangup())?, signal(SignalKind::terminate())?, signal(SignalKind::interrupt())?))
+    Ok((
+        signal(SignalKind::hangup())?,
+        signal(SignalKind::terminate())?,
+        signal(SignalKind::interrupt())?,
+        signal(SignalKind::user_defined2())?,
+    ))
 }
+mod handover;
+pub use handover::{upgrade, RunDir};
 
 /// How the process was asked to stop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,6 +39,9 @@ pub enum Stop {
     Drain,
     /// SIGINT: leave now.
     Fast,
+    /// SIGUSR2 (a successor took over the listener): stop accepting, let clients leave on their own up to
+    /// shutdown_timeout, then drain.
+    Retire,
 }
 
 /// Loads the userlist and builds the shared state for `cfg`.
@@ -51,13 +61,37 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::from_std(sock.into())
 }
 
+/// The listening socket for `addr`: taken over from the running pgrelay named by the pidfile when there is one (an
+/// upgrade: both processes then accept from one socket, so nothing queued is lost when the old one stops), else bound.
+pub fn listen(shared: &Shared, addr: SocketAddr) -> std::io::Result<TcpListener> {
+    if let Some(rd) = RunDir::of(shared) {
+        if let Some(old) = rd.running_pid().filter(|p| *p != std::process::id()) {
+            match handover::take_listener(&rd.ctl_path(old)) {
+                Ok(l) if l.local_addr().ok() == Some(addr) => {
+                    info!(pid = old, addr = %addr, "took over the listening socket from the running pgrelay");
+                    l.set_nonblocking(true)?;
+                    return TcpListener::from_std(l);
+                }
+                Ok(l) => {
+                    warn!(pid = old, theirs = ?l.local_addr().ok(), ours = %addr, "running pgrelay listens elsewhere; binding")
+                }
+                Err(e) => {
+                    warn!(pid = old, error = %e, "could not take over the listener; binding beside it (SO_REUSEPORT)")
+                }
+            }
+        }
+    }
+    bind(addr)
+}
+
 /// Runs the proxy until a signal or SHUTDOWN; `listener` is already bound.
 pub async fn run(shared: Arc<Shared>, listener: TcpListener, handlers: SignalHandlers) -> std::io::Result<()> {
     raise_fd_limit();
     let tracker = TaskTracker::new();
     let cfg = shared.config.load_full();
     if !cfg.metrics.listen.is_empty() {
-        match TcpListener::bind(&cfg.metrics.listen).await {
+        // SO_REUSEPORT here too: during an upgrade the old and the new process both hold the metrics port.
+        match cfg.metrics.listen.parse().map_err(std::io::Error::other).and_then(bind) {
             Ok(l) => {
                 info!(addr = %cfg.metrics.listen, "metrics endpoint listening");
                 tokio::spawn(crate::http::serve(shared.clone(), l));
@@ -80,13 +114,31 @@ pub async fn run(shared: Arc<Shared>, listener: TcpListener, handlers: SignalHan
         ));
     }
     tokio::spawn(janitor(shared.clone()));
-    let stop = tokio::spawn(signals(shared.clone(), handlers));
-    info!(addr = %listener.local_addr()?, "pgrelay listening");
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(None);
+    tokio::spawn(signals(shared.clone(), stop_tx, handlers));
+    // 1. Control socket (hands the listener to a successor, takes cancels for our clients), 2. pidfile = ready.
+    let run_dir = RunDir::of(&shared).map(Arc::new);
+    let control = match &run_dir {
+        Some(rd) => match handover::Control::start(shared.clone(), rd.ctl_path(std::process::id()), &listener) {
+            Ok(c) => {
+                rd.write_pid()?;
+                Some(c)
+            }
+            Err(e) => {
+                error!(error = %e, "cannot open the control socket; upgrades will bind beside this process");
+                rd.write_pid()?;
+                None
+            }
+        },
+        None => None,
+    };
+    info!(addr = %listener.local_addr()?, pid = std::process::id(), "pgrelay listening");
     loop {
         tokio::select! {
             _ = shared.shutdown.cancelled() => break,
+            _ = stop_rx.changed() => break,
             r = listener.accept() => match r {
-                Ok((sock, addr)) => accept(&shared, &tracker, sock, addr),
+                Ok((sock, addr)) => accept(&shared, &tracker, sock, addr, run_dir.clone()),
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.
                     warn!(error = %e, "accept failed");
@@ -95,13 +147,25 @@ pub async fn run(shared: Arc<Shared>, listener: TcpListener, handlers: SignalHan
             }
         }
     }
+    // Stop accepting: our copy of the socket goes; a successor holding it keeps every queued connection.
     drop(listener);
-    let how = if stop.is_finished() { stop.await.unwrap_or(Stop::Drain) } else { Stop::Drain };
+    if let Some(c) = &control {
+        c.stop_handover();
+    }
+    let mut how = stop_rx.borrow().unwrap_or(Stop::Drain);
+    if how == Stop::Retire {
+        how = retire(&shared, &tracker, &mut stop_rx).await;
+    }
     if how == Stop::Fast {
         info!("exiting now (SIGINT)");
-        return Ok(());
+    } else {
+        shared.shutdown.cancel();
+        drain(&shared, &tracker).await;
     }
-    drain(&shared, &tracker).await;
+    if let Some(rd) = &run_dir {
+        rd.remove_pid();
+    }
+    drop(control);
     Ok(())
 }
 
@@ -133,7 +197,13 @@ fn start_patroni(shared: &Arc<Shared>) {
     }
 }
 
-fn accept(shared: &Arc<Shared>, tracker: &TaskTracker, sock: TcpStream, addr: SocketAddr) {
+fn accept(
+    shared: &Arc<Shared>,
+    tracker: &TaskTracker,
+    sock: TcpStream,
+    addr: SocketAddr,
+    run_dir: Option<Arc<RunDir>>,
+) {
     let max = shared.config.load().proxy.max_client_conn;
     let n = shared.client_count.fetch_add(1, Ordering::AcqRel);
     let shared = shared.clone();
@@ -155,16 +225,27 @@ fn accept(shared: &Arc<Shared>, tracker: &TaskTracker, sock: TcpStream, addr: So
         return;
     }
     tracker.spawn(async move {
+        // With a run dir, a cancel key we never issued may belong to the other process of an upgrade.
+        if let Some(rd) = run_dir {
+            if let Some(k) = handover::peek_cancel(&sock).await {
+                if !shared.cancel_keys.contains_key(&k) {
+                    rd.forward_cancel(k).await;
+                    shared.client_count.fetch_sub(1, Ordering::AcqRel);
+                    return;
+                }
+            }
+        }
         crate::client::serve(shared.clone(), sock, addr).await;
         shared.client_count.fetch_sub(1, Ordering::AcqRel);
     });
 }
 
-/// Waits for SIGHUP (reload), SIGTERM (drain) and SIGINT (fast exit).
-async fn signals(shared: Arc<Shared>, handlers: std::io::Result<(Signal, Signal, Signal)>) -> Stop {
-    let Ok((mut hup, mut term, mut int)) = handlers else {
+/// SIGHUP reloads; SIGTERM (drain), SIGINT (fast exit) and SIGUSR2 (retire) are published on `stop`, later ones
+/// overriding earlier ones (a SIGTERM while retiring drains now, a SIGINT leaves now).
+async fn signals(shared: Arc<Shared>, stop: tokio::sync::watch::Sender<Option<Stop>>, handlers: SignalHandlers) {
+    let Ok((mut hup, mut term, mut int, mut usr2)) = handlers else {
         error!("cannot install signal handlers");
-        return Stop::Drain;
+        return;
     };
     loop {
         tokio::select! {
@@ -175,13 +256,56 @@ async fn signals(shared: Arc<Shared>, handlers: std::io::Result<(Signal, Signal,
             _ = term.recv() => {
                 info!("SIGTERM: draining");
                 shared.shutdown.cancel();
-                return Stop::Drain;
+                let _ = stop.send(Some(Stop::Drain));
             }
             _ = int.recv() => {
                 shared.shutdown.cancel();
-                return Stop::Fast;
+                let _ = stop.send(Some(Stop::Fast));
             }
-            _ = shared.shutdown.cancelled() => return Stop::Drain,
+            _ = usr2.recv() => {
+                info!("SIGUSR2: retiring (a successor accepts new clients)");
+                let _ = stop.send(Some(Stop::Retire));
+            }
+        }
+    }
+}
+
+/// Retiring after an upgrade: clients stay until they leave on their own (up to shutdown_timeout), idle server
+/// connections of pools nobody uses any more close; then the caller drains the rest at transaction boundaries.
+async fn retire(
+    shared: &Arc<Shared>,
+    tracker: &TaskTracker,
+    stop: &mut tokio::sync::watch::Receiver<Option<Stop>>,
+) -> Stop {
+    let timeout = shared.config.load().proxy.shutdown_timeout.0;
+    let start = Instant::now();
+    tracker.close();
+    info!(clients = shared.clients.len(), timeout = ?timeout, "retiring: waiting for clients to leave");
+    loop {
+        for p in shared.pools.iter() {
+            if p.stats.clients.load(Ordering::Relaxed) <= 0 {
+                p.drop_idle();
+            }
+        }
+        if tracker.is_empty() {
+            return Stop::Drain;
+        }
+        if start.elapsed() >= timeout {
+            warn!(
+                clients = shared.clients.len(),
+                "retire: shutdown_timeout reached; closing clients at transaction boundaries"
+            );
+            return Stop::Drain;
+        }
+        tokio::select! {
+            _ = tracker.wait() => {}
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            r = stop.changed() => {
+                let now = if r.is_ok() { *stop.borrow() } else { None };
+                if let Some(s @ (Stop::Drain | Stop::Fast)) = now {
+                    return s;
+                }
+            }
         }
     }
 }

@@ -144,6 +144,8 @@ pub struct ProxyConfig {
     /// `ServerConn::connect` is handed only `[proxy]`; rebuilding it on every load is what reloads the CA.
     #[serde(skip)]
     pub server_tls: crate::tls::ConnectorSlot,
+    /// PID file; also names the run directory where an upgrade hands the listener over and cancels cross over.
+    pub pidfile: Option<PathBuf>,
 }
 
 impl Default for ProxyConfig {
@@ -182,6 +184,7 @@ impl Default for ProxyConfig {
             ignore_startup_parameters: vec!["extra_float_digits".into()],
             observability: true,
             server_tls: Default::default(),
+            pidfile: None,
         }
     }
 }
@@ -533,14 +536,48 @@ impl Config {
                 changes.push((k.clone(), None, Some(v.clone())));
             }
         }
-        let restart =
-            changes.iter().filter(|(k, _, _)| RESTART_KEYS.contains(&k.as_str())).map(|(k, _, _)| k.clone()).collect();
+        let restart = changes.iter().filter(|(k, _, _)| needs_restart(k)).map(|(k, _, _)| k.clone()).collect();
         ConfigDiff { changes, restart }
+    }
+
+    /// Puts back the running values of keys a reload cannot apply (see [`needs_restart`]), so the config in force
+    /// says what is really running.
+    pub fn keep_restart_keys(&mut self, running: &Config) {
+        self.proxy.listen.clone_from(&running.proxy.listen);
+        self.proxy.workers = running.proxy.workers;
+        self.proxy.pidfile.clone_from(&running.proxy.pidfile);
+        self.metrics.listen.clone_from(&running.metrics.listen);
+        self.patroni.clone_from(&running.patroni);
+        // Patroni watchers are wired at start: a database keeps following (or not following) a cluster as it did.
+        self.databases.retain(|name, db| {
+            let was = running.databases.get(name);
+            let was_patroni = was.and_then(|r| r.patroni.as_ref());
+            if db.patroni.as_ref() == was_patroni {
+                return true;
+            }
+            match was {
+                Some(r) if db.patroni.is_some() || was_patroni.is_some() => {
+                    db.host.clone_from(&r.host);
+                    db.port = r.port;
+                    db.patroni.clone_from(&r.patroni);
+                    true
+                }
+                Some(_) => true,
+                None => false,
+            }
+        });
     }
 }
 
 /// Keys a reload cannot apply; they are reported and take effect at the next start.
-pub const RESTART_KEYS: &[&str] = &["proxy.listen", "proxy.workers", "metrics.listen"];
+pub const RESTART_KEYS: &[&str] = &["proxy.listen", "proxy.workers", "proxy.pidfile", "metrics.listen"];
+
+/// Whether a change of `key` needs a restart: the listeners, the runtime, and the Patroni wiring.
+pub fn needs_restart(key: &str) -> bool {
+    RESTART_KEYS.contains(&key)
+        || key.starts_with("patroni.")
+        || (key.starts_with("databases.") && key.ends_with(".patroni"))
+}
 
 /// The difference between two configs.
 #[derive(Debug, Default)]
@@ -622,5 +659,32 @@ mod tests {
         let d = a.diff(&b);
         assert!(d.changes.iter().any(|(k, _, _)| k == "proxy.default_pool_size"));
         assert_eq!(d.restart, vec!["proxy.listen".to_string()]);
+    }
+
+    #[test]
+    fn reload_keeps_running_values_of_restart_keys() {
+        let a = Config::parse(
+            "[databases.app]\nhost = \"h\"\n[databases.ha]\npatroni = \"main\"\n[patroni.main]\nendpoints = [\"http://a:1\"]\n",
+            Path::new("a"),
+        )
+        .unwrap();
+        let mut b = Config::parse(
+            "[proxy]\nlisten = \"0.0.0.0:7000\"\ndefault_pool_size = 5\n[databases.app]\nhost = \"h2\"\n\
+             [databases.ha]\nhost = \"x\"\n[databases.new]\npatroni = \"other\"\n\
+             [patroni.other]\nendpoints = [\"http://b:1\"]\n",
+            Path::new("b"),
+        )
+        .unwrap();
+        let d = a.diff(&b);
+        assert!(d.restart.contains(&"databases.ha.patroni".to_string()), "{d}");
+        assert!(d.restart.contains(&"patroni.other.endpoints".to_string()), "{d}");
+        assert!(!d.restart.contains(&"databases.app.host".to_string()), "{d}");
+        b.keep_restart_keys(&a);
+        assert_eq!(b.proxy.listen, a.proxy.listen);
+        assert_eq!(b.proxy.default_pool_size, 5);
+        assert_eq!(b.databases["app"].host.as_deref(), Some("h2"));
+        assert_eq!(b.databases["ha"].patroni.as_deref(), Some("main"));
+        assert!(!b.databases.contains_key("new"));
+        assert_eq!(b.patroni, a.patroni);
     }
 }

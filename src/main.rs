@@ -1,4 +1,5 @@
-//! Command line: `pgrelay [--config F]` runs the proxy; `pgrelay check` validates a config.
+//! Command line: `pgrelay [--config F]` runs the proxy; `pgrelay check` validates a config; `pgrelay upgrade`
+//! replaces a running proxy with a new binary.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -38,6 +39,22 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Replace the running pgrelay (named by `[proxy] pidfile`) with a new binary without refusing a connection.
+    Upgrade {
+        /// The new binary; default: this one.
+        #[arg(long)]
+        binary: Option<PathBuf>,
+        /// Append the new process's output here (default: this terminal).
+        #[arg(long)]
+        log: Option<PathBuf>,
+        /// Send the old process SIGTERM (close clients at their next transaction boundary) instead of SIGUSR2
+        /// (keep them until they leave, up to shutdown_timeout).
+        #[arg(long)]
+        drain: bool,
+        /// Wait until the old process has exited.
+        #[arg(long)]
+        wait: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -53,6 +70,22 @@ fn main() -> ExitCode {
         Cmd::Check { against } => check(&cli.config, against.as_deref()),
         Cmd::Run => run(&cli.config),
         Cmd::Advise { slow_log, database_url, json } => advise(&cli.config, slow_log, database_url, json),
+        Cmd::Upgrade { binary, log, drain, wait } => {
+            let binary = match binary.map(Ok).unwrap_or_else(std::env::current_exe) {
+                Ok(b) => b,
+                Err(e) => {
+                    eprintln!("error: cannot find this binary: {e}");
+                    return ExitCode::from(1);
+                }
+            };
+            match pgrelay::app::upgrade(&cli.config, &binary, log.as_deref(), drain, wait) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
     }
 }
 
@@ -117,7 +150,7 @@ fn run(path: &std::path::Path) -> ExitCode {
     };
     let r = rt.block_on(async move {
         let handlers = pgrelay::app::signal_handlers();
-        let listener = pgrelay::app::bind(addr)?;
+        let listener = pgrelay::app::listen(&shared, addr)?;
         pgrelay::app::run(shared, listener, handlers).await
     });
     match r {

@@ -380,19 +380,60 @@ impl Pool {
 
     /// A slot counted in `total` is free again: hand it to the first live waiter, or shrink.
     fn give_back_slot(&self) {
+        let cap = self.cap();
         let mut g = self.inner.lock();
-        while let Some(w) = g.waiters.pop_front() {
-            if w.tx.send(Grant::Slot).is_ok() {
-                return;
+        // Above the cap (the pool was shrunk by a reload) the slot goes away instead of to a waiter.
+        if g.total <= cap {
+            while let Some(w) = g.waiters.pop_front() {
+                if w.tx.send(Grant::Slot).is_ok() {
+                    return;
+                }
             }
         }
         g.total -= 1;
         self.db_limit.open.fetch_sub(1, Ordering::Relaxed);
     }
 
+    /// Most connections the pool may hold: pool_size plus the reserve.
+    fn cap(&self) -> usize {
+        let s = self.settings.load();
+        s.pool_size + s.reserve_pool_size
+    }
+
+    /// Applies new settings after a reload: a smaller pool closes its surplus idle connections now (busy ones close
+    /// as they come back), a larger one lets queued clients open connections at once, in queue order.
+    pub fn resize(&self) {
+        let s = self.settings.load();
+        let mut closed = Vec::new();
+        {
+            let mut g = self.inner.lock();
+            while g.total > s.pool_size {
+                let Some(c) = g.idle.pop() else { break };
+                g.servers.remove(&c.id);
+                g.total -= 1;
+                self.db_limit.open.fetch_sub(1, Ordering::Relaxed);
+                closed.push(c);
+            }
+            while g.total < s.pool_size {
+                let Some(w) = g.waiters.pop_front() else { break };
+                if w.tx.send(Grant::Slot).is_ok() {
+                    g.total += 1;
+                    self.db_limit.open.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        if !closed.is_empty() {
+            info!(db = %self.key.database, user = %self.key.user, closed = closed.len(), "pool shrunk; surplus idle connections closed");
+        }
+        for c in closed {
+            close_now(c);
+        }
+    }
+
     /// Returns a clean, idle connection.
     fn checkin(&self, mut conn: ServerConn, now: Instant) {
-        if conn.tx_status != b'I' || !self.is_usable(&conn, now) || self.retired.load(Ordering::Relaxed) {
+        let surplus = self.inner.lock().total > self.cap();
+        if surplus || conn.tx_status != b'I' || !self.is_usable(&conn, now) || self.retired.load(Ordering::Relaxed) {
             self.forget(conn);
             return;
         }

@@ -130,6 +130,7 @@ pub struct Shared {
     pub plain_verifiers: DashMap<String, (String, crate::auth::Secret)>,
     /// TLS towards clients; swapped by reload so new handshakes use the new certificate.
     pub tls: arc_swap::ArcSwapOption<crate::tls::Acceptor>,
+    reload_lock: Mutex<()>,
 }
 
 impl Shared {
@@ -164,6 +165,7 @@ impl Shared {
             resumed: Notify::new(),
             reload_failures: AtomicU64::new(0),
             plain_verifiers: DashMap::new(),
+            reload_lock: Mutex::new(()),
         })
     }
 
@@ -209,17 +211,7 @@ impl Shared {
         let cfg = self.config.load_full();
         let dbc = cfg.databases.get(database)?;
         let route = self.route(database)?;
-        let server_user = dbc.user.clone().unwrap_or_else(|| user.to_string());
-        let secret = match &dbc.password {
-            Some(p) => Some(crate::auth::Secret::parse(p)),
-            None => self.userlist.load().get(&server_user).cloned(),
-        };
-        let login = Login {
-            user: server_user,
-            database: dbc.dbname.clone().unwrap_or_else(|| database.to_string()),
-            secret,
-            scram_keys: None,
-        };
+        let login = self.login_for(&key, dbc);
         let limit = self.db_limits.entry(database.to_string()).or_default().clone();
         let metrics = self.metrics.pool(database, cfg.proxy.observability);
         let pool = Arc::new(Pool::new(
@@ -239,6 +231,8 @@ impl Shared {
 impl Shared {
     /// Re-reads the config file (and userlist) and applies the difference; on any error the old config stays.
     pub fn reload(&self) -> Result<crate::config::ConfigDiff, String> {
+        // SIGHUP and the admin RELOAD may race; one reload at a time keeps "old" and "new" meaningful.
+        let _one_at_a_time = self.reload_lock.lock();
         let r = self.try_reload();
         if let Err(e) = &r {
             self.reload_failures.fetch_add(1, Ordering::Relaxed);
@@ -249,57 +243,81 @@ impl Shared {
     }
 
     fn try_reload(&self) -> Result<crate::config::ConfigDiff, String> {
+        // 1. Everything that can fail happens before anything is applied.
         let new = Config::load(&self.config_path).map_err(|e| e.to_string())?;
-        let userlist = load_userlist(&new)?;
+        let userlist = load_userlist(&new).map_err(|e| format!("auth.file: {e}"))?;
         let tls = crate::tls::Acceptor::from_config(&new).map_err(|e| e.to_string())?;
         let old = self.config.load_full();
         let diff = old.diff(&new);
         for k in &diff.restart {
-            tracing::warn!(key = %k, "changed key needs a restart to take effect");
+            tracing::warn!(key = %k, "changed key needs a restart to take effect; the running value stays");
         }
+        // 2. Keys that need a restart keep their running values, so SHOW CONFIG tells what is in force.
+        let mut new = new;
+        new.keep_restart_keys(&old);
         let new = Arc::new(new);
         self.config.store(new.clone());
         self.observer.configure(&new);
         self.userlist.store(Arc::new(userlist));
         self.tls.store(tls);
-        // Pools follow their database entry: sizes in place, a new target or login retires old connections.
+        // 3. Pools follow their database entry: sizes in place, a new login or target retires old connections, a
+        //    removed database drains. Pools whose entry did not change keep every connection.
+        let mut removed = Vec::new();
         for p in self.pools.iter() {
             let Some(db) = new.databases.get(&p.key.database) else {
                 p.retired.store(true, Ordering::Relaxed);
                 p.drop_idle();
+                removed.push(p.key.clone());
                 continue;
             };
             p.settings.store(Arc::new(new.pool_settings(db)));
-            let old_db = old.databases.get(&p.key.database);
-            if old_db.map(|o| (&o.dbname, &o.user, &o.password)) != Some((&db.dbname, &db.user, &db.password)) {
-                let user = db.user.clone().unwrap_or_else(|| p.key.user.clone());
-                let secret = match &db.password {
-                    Some(pw) => Some(crate::auth::Secret::parse(pw)),
-                    None => self.userlist.load().get(&user).cloned(),
-                };
-                p.login.store(Arc::new(Login {
-                    user,
-                    database: db.dbname.clone().unwrap_or_else(|| p.key.database.clone()),
-                    secret,
-                    scram_keys: p.login.load().scram_keys,
-                }));
-                if let Some(r) = self.routes.get(&p.key.database) {
-                    r.0.send_modify(|route| route.generation += 1);
+            p.resize();
+            let login = self.login_for(&p.key, db);
+            let cur = p.login.load();
+            let same_login = cur.user == login.user && cur.database == login.database && cur.secret == login.secret;
+            if !same_login {
+                let relogin = cur.user != login.user || cur.database != login.database;
+                p.login.store(Arc::new(Login { scram_keys: cur.scram_keys, ..login }));
+                // A new password only matters for new connections; another user or dbname retires the old ones.
+                if relogin {
+                    if let Some(r) = self.routes.get(&p.key.database) {
+                        r.0.send_modify(|route| route.generation += 1);
+                    }
+                    p.drop_idle();
                 }
-                p.drop_idle();
             }
         }
+        // Retired pools leave the map: clients still on them finish, a database added back later gets a fresh pool.
+        for k in removed {
+            self.pools.remove(&k);
+            tracing::info!(db = %k.database, user = %k.user, "database removed; its pool drains");
+        }
+        // 4. A static database whose host/port changed: publish the new target (bumps the route generation), close
+        //    idle connections to the old one now; linked ones finish their transaction there and close on check-in.
         for (name, db) in &new.databases {
             if let (Some(host), Some(r)) = (&db.host, self.routes.get(name)) {
                 let t = Target { host: host.clone(), port: db.port.unwrap_or(5432) };
                 if crate::routing::publish(&r.0, Some(t)) {
-                    tracing::info!(db = %name, "database moved; old connections drain");
+                    tracing::info!(db = %name, host = %host, port = db.port.unwrap_or(5432), "database moved; old connections drain");
+                    for p in self.pools.iter().filter(|p| &p.key.database == name) {
+                        p.drop_idle();
+                    }
                 }
             }
         }
         self.routes.retain(|name, _| new.databases.contains_key(name));
-        tracing::info!(changes = diff.changes.len(), "config reloaded");
+        tracing::info!(changes = diff.changes.len(), restart = ?diff.restart, "config reloaded");
         Ok(diff)
+    }
+
+    /// The server login a pool of `key` uses under database entry `db`.
+    fn login_for(&self, key: &PoolKey, db: &crate::config::DatabaseConfig) -> Login {
+        let user = db.user.clone().unwrap_or_else(|| key.user.clone());
+        let secret = match &db.password {
+            Some(pw) => Some(crate::auth::Secret::parse(pw)),
+            None => self.userlist.load().get(&user).cloned(),
+        };
+        Login { user, database: db.dbname.clone().unwrap_or_else(|| key.database.clone()), secret, scram_keys: None }
     }
 }
 
