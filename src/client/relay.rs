@@ -224,7 +224,7 @@ impl Session {
             info,
             pool,
             params,
-            expect: VecDeque::with_capacity(32),
+            expect: VecDeque::new(),
             open_extended: false,
             server_skip: 0,
             server_skip_drop: false,
@@ -234,7 +234,7 @@ impl Session {
             pinned: None,
             linked_at: None,
             close_at_boundary: None,
-            out: BytesMut::with_capacity(16 * 1024),
+            out: BytesMut::new(),
             observer: shared.observer.clone(),
             obs_on: false,
             cur: Observed::default(),
@@ -303,6 +303,13 @@ impl Session {
                     match r {
                         Ok(true) => {
                             self.unlink(server.take().expect("linked"), true, self.last_now).await;
+                            // An idle client keeps small buffers: thousands of them are the common case.
+                            if conn.wbuf.capacity() > 64 * 1024 {
+                                conn.wbuf = BytesMut::with_capacity(1024);
+                            }
+                            if self.out.capacity() > 64 * 1024 {
+                                self.out = BytesMut::new();
+                            }
                             if let Some((code, msg)) = self.close_at_boundary.take() {
                                 conn.fatal(code, &msg).await;
                                 break Ok(());
