@@ -53,7 +53,12 @@ async fn upgrade_under_pgbench_refuses_nothing_and_cancels_cross_over() {
     relay.spawn();
     let old_pid = relay.child.as_ref().unwrap().id();
     let pidfile = relay.dir.path().join("pgrelay.pid");
-    assert_eq!(std::fs::read_to_string(&pidfile).unwrap().trim(), old_pid.to_string());
+    // The pidfile is written once the control socket is up, a moment after the port accepts.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::fs::read_to_string(&pidfile).map(|p| p.trim() != old_pid.to_string()).unwrap_or(true) {
+        assert!(std::time::Instant::now() < deadline, "pidfile not written: {}", relay.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
 
     // A client of the old process with a long query, to be cancelled once the old process no longer accepts.
     let sleeper = relay.connect().await;
