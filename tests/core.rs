@@ -22,7 +22,7 @@ async fn psql_and_tokio_postgres_simple_and_extended() {
     let vals: Vec<i32> = (0..20).collect();
     let params: Vec<[&(dyn tokio_postgres::types::ToSql + Sync); 1]> = vals.iter().map(|v| [v as _]).collect();
     let futs: Vec<_> = params.iter().map(|p| c.query_one(&stmt, p)).collect();
-    let res = futures_join(futs).await;
+    let res = join_all(futs.into_iter().map(Box::pin).collect()).await;
     for (i, r) in res.into_iter().enumerate() {
         assert_eq!(r.unwrap().get::<_, i32>(0), i as i32 * 2);
     }
@@ -34,38 +34,6 @@ async fn psql_and_tokio_postgres_simple_and_extended() {
     assert_eq!(c.query_one("select count(*) from t", &[]).await.unwrap().get::<_, i64>(0), 0);
     // NOTICE passes through.
     c.batch_execute("do $$ begin raise notice 'hello'; end $$").await.unwrap();
-}
-
-async fn futures_join<F: std::future::Future>(futs: Vec<F>) -> Vec<F::Output> {
-    let mut out = Vec::new();
-    let handles: Vec<_> = futs.into_iter().map(Box::pin).collect();
-    // Poll all together so the requests are pipelined on one connection.
-    let joined = join_all(handles).await;
-    out.extend(joined);
-    out
-}
-
-async fn join_all<F: std::future::Future + Unpin>(mut futs: Vec<F>) -> Vec<F::Output> {
-    use std::task::Poll;
-    let mut results: Vec<Option<F::Output>> = futs.iter().map(|_| None).collect();
-    std::future::poll_fn(|cx| {
-        let mut pending = false;
-        for (i, f) in futs.iter_mut().enumerate() {
-            if results[i].is_none() {
-                match std::pin::Pin::new(f).poll(cx) {
-                    Poll::Ready(v) => results[i] = Some(v),
-                    Poll::Pending => pending = true,
-                }
-            }
-        }
-        if pending {
-            Poll::Pending
-        } else {
-            Poll::Ready(())
-        }
-    })
-    .await;
-    results.into_iter().map(|r| r.expect("all ready")).collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -18,30 +18,6 @@ fn relay_with_pool(pg: &Pg, size: usize) -> Relay {
     Relay::start(pg, &format!("default_pool_size = {size}"), "")
 }
 
-/// Polls every future together on the current task, so tokio-postgres pipelines their messages on one connection.
-async fn join_all<F: std::future::Future + Unpin>(mut futs: Vec<F>) -> Vec<F::Output> {
-    use std::task::Poll;
-    let mut results: Vec<Option<F::Output>> = futs.iter().map(|_| None).collect();
-    std::future::poll_fn(|cx| {
-        let mut pending = false;
-        for (i, f) in futs.iter_mut().enumerate() {
-            if results[i].is_none() {
-                match std::pin::Pin::new(f).poll(cx) {
-                    Poll::Ready(v) => results[i] = Some(v),
-                    Poll::Pending => pending = true,
-                }
-            }
-        }
-        if pending {
-            Poll::Pending
-        } else {
-            Poll::Ready(())
-        }
-    })
-    .await;
-    results.into_iter().map(|r| r.expect("all ready")).collect()
-}
-
 async fn show(c: &tokio_postgres::Client, what: &str) -> String {
     c.query_one(&format!("show {what}"), &[]).await.unwrap().get::<_, String>(0)
 }

@@ -350,3 +350,27 @@ pub fn pgbench(args: &[&str]) -> (String, bool) {
 pub fn msg(e: &tokio_postgres::Error) -> String {
     e.as_db_error().map(|d| d.message().to_string()).unwrap_or_else(|| e.to_string())
 }
+
+/// Polls every future together on the current task, so tokio-postgres pipelines their messages on one connection.
+pub async fn join_all<F: std::future::Future + Unpin>(mut futs: Vec<F>) -> Vec<F::Output> {
+    use std::task::Poll;
+    let mut results: Vec<Option<F::Output>> = futs.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (i, f) in futs.iter_mut().enumerate() {
+            if results[i].is_none() {
+                match std::pin::Pin::new(f).poll(cx) {
+                    Poll::Ready(v) => results[i] = Some(v),
+                    Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            Poll::Pending
+        } else {
+            Poll::Ready(())
+        }
+    })
+    .await;
+    results.into_iter().map(|r| r.expect("all ready")).collect()
+}
