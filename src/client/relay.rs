@@ -574,8 +574,9 @@ impl Session {
                 self.open_extended = true;
                 let stmt = self.statement_ref(t, body);
                 if t == b'B' {
-                    if let Some(cmd @ (SessionCommand::Set { .. } | SessionCommand::Reset(_) | SessionCommand::ResetAll)) =
-                        stmt.as_ref().and_then(|p| p.session.as_ref())
+                    if let Some(
+                        cmd @ (SessionCommand::Set { .. } | SessionCommand::Reset(_) | SessionCommand::ResetAll),
+                    ) = stmt.as_ref().and_then(|p| p.session.as_ref())
                     {
                         self.group_set = Some(Box::new(cmd.clone()));
                     }
