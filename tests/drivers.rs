@@ -123,9 +123,7 @@ fn run_script(pg: &Pg, relay: &Relay, mut cmd: Command, timeout: Duration) -> Ou
 
 /// Server connections the admin console reports for the `postgres` pool (active + idle).
 fn pool_servers(relay: &Relay) -> usize {
-    let out = relay
-        .psql("pgrelay", "admin", "pgrelay", "show pools")
-        .expect("admin console show pools");
+    let out = relay.psql("pgrelay", "admin", "pgrelay", "show pools").expect("admin console show pools");
     // Columns: database|user|cl_active|cl_waiting|cl_active_cancel_req|cl_waiting_cancel_req|sv_active|...|sv_idle
     out.lines()
         .filter(|l| l.starts_with("postgres|"))
@@ -149,10 +147,7 @@ fn check(name: &str, build: impl FnOnce() -> Command, timeout: Duration) {
     );
     assert!(o.success, "{name} failed:\n{}", o.output);
     let sv = pool_servers(&relay);
-    assert!(
-        sv <= POOL_SIZE,
-        "show pools: {sv} server connections for a pool of {POOL_SIZE}"
-    );
+    assert!(sv <= POOL_SIZE, "show pools: {sv} server connections for a pool of {POOL_SIZE}");
     assert!(
         o.max_servers <= POOL_SIZE,
         "pg_stat_activity saw {} server connections for a pool of {POOL_SIZE}",
@@ -193,11 +188,8 @@ fn npm_ci(dir: &Path) {
     if dir.join("node_modules/pg/package.json").exists() {
         return;
     }
-    let out = Command::new("npm")
-        .args(["ci", "--no-audit", "--no-fund"])
-        .current_dir(dir)
-        .output()
-        .expect("run npm ci");
+    let out =
+        Command::new("npm").args(["ci", "--no-audit", "--no-fund"]).current_dir(dir).output().expect("run npm ci");
     assert!(
         out.status.success(),
         "npm ci in {} failed (node-postgres comes from the npm registry):\n{}{}",
@@ -209,14 +201,8 @@ fn npm_ci(dir: &Path) {
 
 #[test]
 fn node_pg_named_queries() {
-    require_tool(
-        "node",
-        "install Node.js (scripts/install-deps installs Debian's nodejs)",
-    );
-    require_tool(
-        "npm",
-        "install npm (scripts/install-deps installs Debian's npm)",
-    );
+    require_tool("node", "install Node.js (scripts/install-deps installs Debian's nodejs)");
+    require_tool("npm", "install npm (scripts/install-deps installs Debian's npm)");
     let dir = drivers_dir().join("node");
     npm_ci(&dir);
     check(
@@ -232,16 +218,9 @@ fn node_pg_named_queries() {
 
 #[test]
 fn pgjdbc_prepare_threshold_1() {
-    require_tool(
-        "javac",
-        "install a JDK: apt-get install -y default-jdk-headless",
-    );
-    require_tool(
-        "java",
-        "install a JDK: apt-get install -y default-jdk-headless",
-    );
-    let jar =
-        std::env::var("PGJDBC_JAR").unwrap_or_else(|_| "/usr/share/java/postgresql.jar".into());
+    require_tool("javac", "install a JDK: apt-get install -y default-jdk-headless");
+    require_tool("java", "install a JDK: apt-get install -y default-jdk-headless");
+    let jar = std::env::var("PGJDBC_JAR").unwrap_or_else(|_| "/usr/share/java/postgresql.jar".into());
     assert!(
         Path::new(&jar).exists(),
         "pgjdbc not found at {jar}: apt-get install -y libpostgresql-jdbc-java (or set PGJDBC_JAR)"
@@ -255,11 +234,7 @@ fn pgjdbc_prepare_threshold_1() {
         .arg(drivers_dir().join("java/PgjdbcCheck.java"))
         .output()
         .expect("run javac");
-    assert!(
-        out.status.success(),
-        "javac PgjdbcCheck.java failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "javac PgjdbcCheck.java failed:\n{}", String::from_utf8_lossy(&out.stderr));
     let cp = format!("{}:{jar}", classes.path().display());
     check(
         "PgjdbcCheck",

@@ -43,10 +43,7 @@ async fn join_all<F: std::future::Future + Unpin>(mut futs: Vec<F>) -> Vec<F::Ou
 }
 
 async fn show(c: &tokio_postgres::Client, what: &str) -> String {
-    c.query_one(&format!("show {what}"), &[])
-        .await
-        .unwrap()
-        .get::<_, String>(0)
+    c.query_one(&format!("show {what}"), &[]).await.unwrap().get::<_, String>(0)
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -65,10 +62,7 @@ async fn tokio_postgres_statement_cache_50_clients_over_4_servers() {
         tasks.push(tokio::spawn(async move {
             let mut c = connect(&url).await;
             // Prepared once per client, used for every transaction on whichever server it gets.
-            let inc = c
-                .prepare("update tp_counters set n = n + $1 where id = $2 returning n")
-                .await
-                .unwrap();
+            let inc = c.prepare("update tp_counters set n = n + $1 where id = $2 returning n").await.unwrap();
             let sel = c.prepare("select $1::int * 100 + $2::int").await.unwrap();
             for i in 1..=40i32 {
                 let tx = c.transaction().await.unwrap();
@@ -85,10 +79,7 @@ async fn tokio_postgres_statement_cache_50_clients_over_4_servers() {
     for t in tasks {
         t.await.unwrap();
     }
-    assert_eq!(
-        pg.psql("select sum(n), min(n), max(n) from tp_counters"),
-        "2000|40|40"
-    );
+    assert_eq!(pg.psql("select sum(n), min(n), max(n) from tp_counters"), "2000|40|40");
     let n: i32 = pg
         .psql("select count(*) from pg_stat_activity where backend_type = 'client backend' and datname = 'postgres' and pid <> pg_backend_pid() and application_name <> 'pgrelay-health'")
         .parse()
@@ -100,18 +91,7 @@ async fn tokio_postgres_statement_cache_50_clients_over_4_servers() {
 fn pgbench_prepared_select_only_20_clients() {
     let pg = Pg::start();
     let port = pg.port.to_string();
-    let (out, ok) = pgbench(&[
-        "-i",
-        "-s",
-        "1",
-        "-h",
-        "127.0.0.1",
-        "-p",
-        &port,
-        "-U",
-        "postgres",
-        "postgres",
-    ]);
+    let (out, ok) = pgbench(&["-i", "-s", "1", "-h", "127.0.0.1", "-p", &port, "-U", "postgres", "postgres"]);
     assert!(ok, "{out}");
     let relay = relay_with_pool(&pg, 4);
     let rport = relay.port.to_string();
@@ -153,11 +133,7 @@ async fn search_path_isolation_on_one_shared_server() {
     a.batch_execute("SET search_path = a").await.unwrap();
     for _ in 0..3 {
         assert_eq!(show(&a, "search_path").await, "a", "A keeps its setting");
-        assert_eq!(
-            show(&b, "search_path").await,
-            default,
-            "B must not see A's SET"
-        );
+        assert_eq!(show(&b, "search_path").await, default, "B must not see A's SET");
         let va: String = a.query_one("select v from t", &[]).await.unwrap().get(0);
         let vb: String = b.query_one("select v from t", &[]).await.unwrap().get(0);
         assert_eq!((va.as_str(), vb.as_str()), ("from a", "from public"));
@@ -225,17 +201,12 @@ async fn sql_prepare_is_refused_with_0a000() {
     let pg = Pg::start();
     let relay = relay_with_pool(&pg, 1);
     let a = relay.connect().await;
-    let e = a
-        .batch_execute("PREPARE p1 AS select 1")
-        .await
-        .expect_err("SQL PREPARE must be refused in transaction mode");
+    let e =
+        a.batch_execute("PREPARE p1 AS select 1").await.expect_err("SQL PREPARE must be refused in transaction mode");
     assert_eq!(sqlstate(&e).as_deref(), Some("0A000"), "{}", msg(&e));
     assert!(msg(&e).contains("transaction pooling"), "{}", msg(&e));
     // The connection stays usable.
-    assert_eq!(
-        a.query_one("select 1", &[]).await.unwrap().get::<_, i32>(0),
-        1
-    );
+    assert_eq!(a.query_one("select 1", &[]).await.unwrap().get::<_, i32>(0), 1);
 }
 
 /// The same SQL PREPARE sent with the extended protocol (what pgjdbc or psycopg 3 do with `execute("PREPARE ...")`).
@@ -246,10 +217,7 @@ async fn sql_prepare_through_extended_protocol_is_refused_too() {
     let a = relay.connect().await;
     let b = relay.connect().await;
     let r = a.execute("PREPARE p2 AS select 42", &[]).await;
-    let leaked = b
-        .query_one("EXECUTE p2", &[])
-        .await
-        .map(|r| r.get::<_, i32>(0));
+    let leaked = b.query_one("EXECUTE p2", &[]).await.map(|r| r.get::<_, i32>(0));
     assert!(
         matches!(&r, Err(e) if sqlstate(e).as_deref() == Some("0A000")),
         "PREPARE via Parse/Bind/Execute: {:?}; another client's EXECUTE p2 then returned {:?}",
@@ -265,25 +233,13 @@ async fn deallocate_of_a_protocol_prepared_name() {
     let mut w = Wire::connect(relay.port).await;
     w.parse("st1", "select $1::int + 1", &[INT4]);
     w.sync();
-    assert_eq!(
-        w.roundtrip(1).await,
-        vec![Reply::ParseComplete, Reply::Ready(b'I')]
-    );
-    assert_eq!(
-        w.simple("DEALLOCATE st1").await,
-        vec![
-            Reply::CommandComplete("DEALLOCATE".into()),
-            Reply::Ready(b'I')
-        ]
-    );
+    assert_eq!(w.roundtrip(1).await, vec![Reply::ParseComplete, Reply::Ready(b'I')]);
+    assert_eq!(w.simple("DEALLOCATE st1").await, vec![Reply::CommandComplete("DEALLOCATE".into()), Reply::Ready(b'I')]);
     // Gone for this client: Bind fails like on PostgreSQL, and the name can be prepared again.
     w.bind("", "st1", &[Some("1")]);
     w.execute("", 0);
     w.sync();
-    assert_eq!(
-        w.roundtrip(1).await,
-        vec![Reply::Error("26000".into()), Reply::Ready(b'I')]
-    );
+    assert_eq!(w.roundtrip(1).await, vec![Reply::Error("26000".into()), Reply::Ready(b'I')]);
     w.parse("st1", "select $1::int + 2", &[INT4]);
     w.bind("", "st1", &[Some("1")]);
     w.execute("", 0);
@@ -301,10 +257,7 @@ async fn deallocate_of_a_protocol_prepared_name() {
     w.simple("DEALLOCATE ALL").await;
     w.bind("", "st1", &[Some("1")]);
     w.sync();
-    assert_eq!(
-        w.roundtrip(1).await,
-        vec![Reply::Error("26000".into()), Reply::Ready(b'I')]
-    );
+    assert_eq!(w.roundtrip(1).await, vec![Reply::Error("26000".into()), Reply::Ready(b'I')]);
 }
 
 /// DEALLOCATE of a name that does not exist: PostgreSQL says 26000 (invalid_sql_statement_name).
@@ -316,11 +269,7 @@ async fn deallocate_of_an_unknown_name_fails_like_postgres() {
     let mut w = Wire::connect(relay.port).await;
     let want = direct.simple("DEALLOCATE nosuch").await;
     let got = w.simple("DEALLOCATE nosuch").await;
-    assert_eq!(
-        got, want,
-        "relay: {} / PostgreSQL: {}",
-        w.last_error, direct.last_error
-    );
+    assert_eq!(got, want, "relay: {} / PostgreSQL: {}", w.last_error, direct.last_error);
 }
 
 /// psycopg 3 sends `DEALLOCATE <name>` and `DEALLOCATE ALL` (after every ROLLBACK) with the extended protocol
@@ -334,10 +283,7 @@ async fn deallocate_through_extended_protocol() {
     for w in [&mut a, &mut b] {
         w.parse("_pg3_0", "select $1::int * 10", &[INT4]);
         w.sync();
-        assert_eq!(
-            w.roundtrip(1).await,
-            vec![Reply::ParseComplete, Reply::Ready(b'I')]
-        );
+        assert_eq!(w.roundtrip(1).await, vec![Reply::ParseComplete, Reply::Ready(b'I')]);
     }
     // 1. DEALLOCATE <name> as psycopg sends it.
     a.parse("", "DEALLOCATE _pg3_0", &[]);
@@ -368,12 +314,7 @@ async fn deallocate_through_extended_protocol() {
     let r = b.roundtrip(1).await;
     assert_eq!(
         r,
-        vec![
-            Reply::BindComplete,
-            row1("40"),
-            Reply::CommandComplete("SELECT 1".into()),
-            Reply::Ready(b'I')
-        ],
+        vec![Reply::BindComplete, row1("40"), Reply::CommandComplete("SELECT 1".into()), Reply::Ready(b'I')],
         "B's statement after A's extended-protocol DEALLOCATE ALL on the shared server: {}",
         b.last_error
     );
@@ -387,11 +328,7 @@ async fn close_then_reparse_same_name_with_different_text() {
     let pg = Pg::start();
     let relay = relay_with_pool(&pg, 2);
     let mut w = Wire::connect(relay.port).await;
-    for (text, want) in [
-        ("select $1::int + 1", "6"),
-        ("select $1::int * 100", "500"),
-        ("select $1::int + 1", "6"),
-    ] {
+    for (text, want) in [("select $1::int + 1", "6"), ("select $1::int * 100", "500"), ("select $1::int + 1", "6")] {
         w.parse("s", text, &[INT4]);
         w.bind("", "s", &[Some("5")]);
         w.execute("", 0);
@@ -416,10 +353,7 @@ async fn close_then_reparse_same_name_with_different_text() {
     w.roundtrip(1).await;
     w.close_statement("s2");
     w.sync();
-    assert_eq!(
-        w.roundtrip(1).await,
-        vec![Reply::CloseComplete, Reply::Ready(b'I')]
-    );
+    assert_eq!(w.roundtrip(1).await, vec![Reply::CloseComplete, Reply::Ready(b'I')]);
     w.parse("s2", "select 'two'", &[]);
     w.bind("", "s2", &[]);
     w.execute("", 0);
@@ -466,18 +400,11 @@ async fn failed_parse_leaves_no_stale_mapping() {
     w.bind("", "f", &[]);
     w.execute("", 0);
     w.sync();
-    assert_eq!(
-        w.roundtrip(1).await,
-        vec![Reply::Error("42601".into()), Reply::Ready(b'I')]
-    );
+    assert_eq!(w.roundtrip(1).await, vec![Reply::Error("42601".into()), Reply::Ready(b'I')]);
     w.bind("", "f", &[]);
     w.execute("", 0);
     w.sync();
-    assert_eq!(
-        w.roundtrip(1).await,
-        vec![Reply::Error("26000".into()), Reply::Ready(b'I')],
-        "no statement f"
-    );
+    assert_eq!(w.roundtrip(1).await, vec![Reply::Error("26000".into()), Reply::Ready(b'I')], "no statement f");
     w.parse("f", "select 7", &[]);
     w.bind("", "f", &[]);
     w.execute("", 0);
@@ -558,25 +485,15 @@ async fn describe_of_a_statement_the_server_has_not_seen() {
     let r = a.roundtrip(1).await;
     assert_eq!(
         &r[..2],
-        &[
-            Reply::ParameterDescription(vec![INT4]),
-            Reply::RowDescription(vec![("x".into(), INT4), ("y".into(), 25)])
-        ],
+        &[Reply::ParameterDescription(vec![INT4]), Reply::RowDescription(vec![("x".into(), INT4), ("y".into(), 25)])],
         "{r:?} / {}",
         a.last_error
     );
-    assert_ne!(
-        r[4],
-        row1(&pid_a),
-        "the Describe was meant to run on the other server"
-    );
+    assert_ne!(r[4], row1(&pid_a), "the Describe was meant to run on the other server");
     a.bind("", "d1", &[Some("9")]);
     a.execute("", 0);
     a.sync();
-    assert_eq!(
-        a.roundtrip(1).await[1],
-        Reply::DataRow(vec![Some("9".into()), Some("y".into())])
-    );
+    assert_eq!(a.roundtrip(1).await[1], Reply::DataRow(vec![Some("9".into()), Some("y".into())]));
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -588,33 +505,17 @@ async fn advisory_lock_pins_and_is_released_on_disconnect() {
     let relay = relay_with_pool(&pg, 2);
     let a = relay.connect().await;
     let b = relay.connect().await;
-    a.batch_execute("select pg_advisory_lock(42)")
-        .await
-        .unwrap();
-    let pid: i32 = a
-        .query_one("select pg_backend_pid()", &[])
-        .await
-        .unwrap()
-        .get(0);
+    a.batch_execute("select pg_advisory_lock(42)").await.unwrap();
+    let pid: i32 = a.query_one("select pg_backend_pid()", &[]).await.unwrap().get(0);
     for _ in 0..5 {
         a.batch_execute("begin; select 1; commit").await.unwrap();
-        let p: i32 = a
-            .query_one("select pg_backend_pid()", &[])
-            .await
-            .unwrap()
-            .get(0);
+        let p: i32 = a.query_one("select pg_backend_pid()", &[]).await.unwrap().get(0);
         assert_eq!(p, pid, "A stays on its server while it holds the lock");
-        let got: bool = b
-            .query_one("select pg_try_advisory_lock(42)", &[])
-            .await
-            .unwrap()
-            .get(0);
+        let got: bool = b.query_one("select pg_try_advisory_lock(42)", &[]).await.unwrap().get(0);
         assert!(!got, "B must not get the lock A holds");
     }
     let held: i64 = pg
-        .psql(
-            "select count(*) from pg_locks where locktype = 'advisory' and objid = 42 and granted",
-        )
+        .psql("select count(*) from pg_locks where locktype = 'advisory' and objid = 42 and granted")
         .parse()
         .unwrap();
     assert_eq!(held, 1);
@@ -622,11 +523,7 @@ async fn advisory_lock_pins_and_is_released_on_disconnect() {
     let mut ok = false;
     for _ in 0..50 {
         tokio::time::sleep(Duration::from_millis(100)).await;
-        let got: bool = b
-            .query_one("select pg_try_advisory_lock(42)", &[])
-            .await
-            .unwrap()
-            .get(0);
+        let got: bool = b.query_one("select pg_try_advisory_lock(42)", &[]).await.unwrap().get(0);
         if got {
             ok = true;
             break;
@@ -636,15 +533,8 @@ async fn advisory_lock_pins_and_is_released_on_disconnect() {
 }
 
 /// Connects with a connection task that forwards notifications into a channel.
-async fn connect_listening(
-    url: &str,
-) -> (
-    tokio_postgres::Client,
-    tokio::sync::mpsc::UnboundedReceiver<String>,
-) {
-    let (client, mut conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
+async fn connect_listening(url: &str) -> (tokio_postgres::Client, tokio::sync::mpsc::UnboundedReceiver<String>) {
+    let (client, mut conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.unwrap();
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
         loop {
@@ -673,9 +563,7 @@ async fn listen_case(extended: bool) -> Result<(), String> {
     }
     a.batch_execute("select 1").await.unwrap();
     for i in 0..3 {
-        b.batch_execute(&format!("NOTIFY chan, 'n{i}'"))
-            .await
-            .unwrap();
+        b.batch_execute(&format!("NOTIFY chan, 'n{i}'")).await.unwrap();
     }
     let mut got_a = Vec::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
@@ -692,9 +580,7 @@ async fn listen_case(extended: bool) -> Result<(), String> {
     if got_a == ["chan:n0", "chan:n1", "chan:n2"] && got_b.is_empty() {
         Ok(())
     } else {
-        Err(format!(
-            "A (listening) received {got_a:?}, B (not listening) received {got_b:?}"
-        ))
+        Err(format!("A (listening) received {got_a:?}, B (not listening) received {got_b:?}"))
     }
 }
 
@@ -716,22 +602,13 @@ async fn temp_table_case(extended: bool) -> Result<(), String> {
     if extended {
         a.execute("create temp table tt(v int)", &[]).await.unwrap();
     } else {
-        a.batch_execute("create temp table tt(v int)")
-            .await
-            .unwrap();
+        a.batch_execute("create temp table tt(v int)").await.unwrap();
     }
     a.batch_execute("insert into tt values (1)").await.unwrap();
     // Pinned: B waits for the only server. Not pinned: B runs on A's backend and sees A's temp table.
-    let r = tokio::time::timeout(
-        Duration::from_secs(2),
-        b.query_one("select count(*) from pg_temp.tt", &[]),
-    )
-    .await;
-    let a_sees: Result<i64, String> = a
-        .query_one("select count(*) from tt", &[])
-        .await
-        .map(|r| r.get(0))
-        .map_err(|e| msg(&e));
+    let r = tokio::time::timeout(Duration::from_secs(2), b.query_one("select count(*) from pg_temp.tt", &[])).await;
+    let a_sees: Result<i64, String> =
+        a.query_one("select count(*) from tt", &[]).await.map(|r| r.get(0)).map_err(|e| msg(&e));
     match (r, a_sees) {
         (Err(_), Ok(1)) => Ok(()),
         (r, a_sees) => Err(format!(
@@ -812,11 +689,7 @@ async fn cached_plan_error_after_alter_table_does_not_stick() {
             let c = connect(&url).await;
             c.batch_execute("begin").await.unwrap();
             let r = match c.prepare("select * from ddl_t").await {
-                Ok(st) => c
-                    .query(&st, &[])
-                    .await
-                    .map(|rows| rows[0].len())
-                    .map_err(|e| msg(&e)),
+                Ok(st) => c.query(&st, &[]).await.map(|rows| rows[0].len()).map_err(|e| msg(&e)),
                 Err(e) => Err(msg(&e)),
             };
             barrier.wait().await;
@@ -831,17 +704,9 @@ async fn cached_plan_error_after_alter_table_does_not_stick() {
     // 2. An old client: the first use may fail (as on PostgreSQL), after re-preparing the retry must work.
     let mut retries = Vec::new();
     for (c, st) in clients.iter().zip(&stmts) {
-        let first = c
-            .query(st, &[])
-            .await
-            .map(|r| r[0].len())
-            .map_err(|e| msg(&e));
+        let first = c.query(st, &[]).await.map(|r| r[0].len()).map_err(|e| msg(&e));
         let st2 = c.prepare("select * from ddl_t").await.unwrap();
-        let second = c
-            .query(&st2, &[])
-            .await
-            .map(|r| r[0].len())
-            .map_err(|e| msg(&e));
+        let second = c.query(&st2, &[]).await.map(|r| r[0].len()).map_err(|e| msg(&e));
         retries.push((first, second));
     }
     assert!(
@@ -908,11 +773,7 @@ async fn tokio_postgres_pipelines_from_many_clients() {
                         let c = &c;
                         let st = &st;
                         Box::pin(async move {
-                            let v: i32 = c
-                                .query_one(st, &[&id, &(round * 100 + i)])
-                                .await
-                                .unwrap()
-                                .get(0);
+                            let v: i32 = c.query_one(st, &[&id, &(round * 100 + i)]).await.unwrap().get(0);
                             v
                         })
                     })
@@ -935,16 +796,8 @@ async fn tokio_postgres_pipelines_from_many_clients() {
 const STMTS: &[(&str, usize, &[u32])] = &[
     ("select $1::int * 2 as x", 1, &[]),
     ("select $1::text || '!' as s", 1, &[]),
-    (
-        "insert into prop(c, v) values ($1::int, $2::int) returning v",
-        2,
-        &[],
-    ),
-    (
-        "select count(*) as n, coalesce(sum(v), 0) as s from prop where c = $1::int",
-        1,
-        &[],
-    ),
+    ("insert into prop(c, v) values ($1::int, $2::int) returning v", 2, &[]),
+    ("select count(*) as n, coalesce(sum(v), 0) as s from prop where c = $1::int", 1, &[]),
     ("select 1 / $1::int as d", 1, &[]),
     ("selec oops", 0, &[]),
     ("select g from generate_series(1, $1::int) g", 1, &[]),
@@ -1003,11 +856,7 @@ impl Gen {
     fn batch(&mut self) -> Vec<Op> {
         use rand::Rng;
         if self.status != b'I' && self.rng.gen_ratio(1, 4) {
-            let end = if self.rng.gen_bool(0.5) {
-                "COMMIT"
-            } else {
-                "ROLLBACK"
-            };
+            let end = if self.rng.gen_bool(0.5) { "COMMIT" } else { "ROLLBACK" };
             return vec![Op::Query(end.into())];
         }
         if self.rng.gen_ratio(1, 8) {
@@ -1024,11 +873,7 @@ impl Gen {
             return vec![Op::Query(q)];
         }
         let mut ops = Vec::new();
-        let units = if self.single {
-            1
-        } else {
-            self.rng.gen_range(1..=6)
-        };
+        let units = if self.single { 1 } else { self.rng.gen_range(1..=6) };
         for _ in 0..units {
             match self.rng.gen_range(0..10) {
                 0..=2 => {
@@ -1042,11 +887,7 @@ impl Gen {
                     ops.push(Op::Parse(name, idx));
                 }
                 3..=5 => {
-                    let name = if self.rng.gen_ratio(1, 20) {
-                        "zz"
-                    } else {
-                        self.name()
-                    };
+                    let name = if self.rng.gen_ratio(1, 20) { "zz" } else { self.name() };
                     ops.push(Op::Bind(name));
                     let rows = if self.rng.gen_ratio(1, 5) { 1 } else { 0 };
                     ops.push(Op::Execute(rows));
@@ -1134,17 +975,10 @@ async fn property_client(
             g.status = *s;
         }
         if g.status != b'E' {
-            let r = direct
-                .simple("select coalesce(string_agg(name, ','), '') from pg_prepared_statements")
-                .await;
+            let r = direct.simple("select coalesce(string_agg(name, ','), '') from pg_prepared_statements").await;
             if let Some(Reply::DataRow(v)) = r.get(1) {
-                g.existing = v[0]
-                    .clone()
-                    .unwrap_or_default()
-                    .split(',')
-                    .filter(|s| !s.is_empty())
-                    .map(str::to_string)
-                    .collect();
+                g.existing =
+                    v[0].clone().unwrap_or_default().split(',').filter(|s| !s.is_empty()).map(str::to_string).collect();
             }
         }
     }
@@ -1168,14 +1002,8 @@ async fn property_one_unit_per_sync_matches_postgres() {
 }
 
 async fn property(single: bool) {
-    let seed: u64 = std::env::var("PGRELAY_PROP_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(20260601);
-    let ops: usize = std::env::var("PGRELAY_PROP_OPS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(200);
+    let seed: u64 = std::env::var("PGRELAY_PROP_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(20260601);
+    let ops: usize = std::env::var("PGRELAY_PROP_OPS").ok().and_then(|s| s.parse().ok()).unwrap_or(200);
     // Two identical databases: one used directly, one behind pgrelay (8 clients over 2 servers).
     let direct = Pg::start();
     let behind = Pg::start();
@@ -1186,9 +1014,7 @@ async fn property(single: bool) {
     let mut tasks = Vec::new();
     for cid in 0..8 {
         let (dp, rp) = (direct.port, relay.port);
-        tasks.push(tokio::spawn(async move {
-            property_client(seed, cid, dp, rp, ops, single).await
-        }));
+        tasks.push(tokio::spawn(async move { property_client(seed, cid, dp, rp, ops, single).await }));
     }
     let mut failures = Vec::new();
     let mut total = 0;
@@ -1199,12 +1025,7 @@ async fn property(single: bool) {
         }
     }
     eprintln!("property test: seed {seed}, {total} operations matched");
-    assert!(
-        failures.is_empty(),
-        "{} of 8 clients diverged:\n{}",
-        failures.len(),
-        failures.join("\n\n")
-    );
+    assert!(failures.is_empty(), "{} of 8 clients diverged:\n{}", failures.len(), failures.join("\n\n"));
     assert_eq!(
         direct.psql("select c, count(*), sum(v) from prop group by c order by c"),
         behind.psql("select c, count(*), sum(v) from prop group by c order by c")

@@ -35,10 +35,7 @@ pub struct Wire {
 }
 
 fn cstr(b: &mut &[u8]) -> String {
-    let n = b
-        .iter()
-        .position(|&c| c == 0)
-        .expect("nul-terminated string");
+    let n = b.iter().position(|&c| c == 0).expect("nul-terminated string");
     let s = String::from_utf8_lossy(&b[..n]).into_owned();
     *b = &b[n + 1..];
     s
@@ -47,9 +44,7 @@ fn cstr(b: &mut &[u8]) -> String {
 impl Wire {
     /// Connects as postgres/secret to database postgres (SCRAM-SHA-256) and waits for ReadyForQuery.
     pub async fn connect(port: u16) -> Wire {
-        let stream = TcpStream::connect(("127.0.0.1", port))
-            .await
-            .expect("tcp connect");
+        let stream = TcpStream::connect(("127.0.0.1", port)).await.expect("tcp connect");
         stream.set_nodelay(true).unwrap();
         let mut w = Wire {
             stream,
@@ -63,9 +58,7 @@ impl Wire {
         w.out.put_i32(196608);
         w.out.put_slice(params);
         w.send().await;
-        let mut scram = pgrelay::auth::ScramClient::new(pgrelay::auth::ScramCredential::Password(
-            "secret".into(),
-        ));
+        let mut scram = pgrelay::auth::ScramClient::new(pgrelay::auth::ScramCredential::Password("secret".into()));
         loop {
             let (t, body) = w.read_msg().await;
             match t {
@@ -241,9 +234,7 @@ impl Wire {
                         if len < 0 {
                             vals.push(None);
                         } else {
-                            vals.push(Some(
-                                String::from_utf8_lossy(&b[..len as usize]).into_owned(),
-                            ));
+                            vals.push(Some(String::from_utf8_lossy(&b[..len as usize]).into_owned()));
                             b.advance(len as usize);
                         }
                     }
