@@ -773,7 +773,13 @@ async fn d_ledger_sync_mode_no_lost_commits() {
     let stop = Arc::new(AtomicBool::new(false));
     let attempts = Arc::new(Mutex::new(Vec::new()));
     let tasks = spawn_writers(relay_url(&r), "ledger", 4, stop.clone(), attempts.clone());
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Enough acknowledged writes on the old leader to mean something, however busy the box is (bounded).
+    let t0 = Instant::now();
+    while attempts.lock().unwrap().iter().filter(|a| a.result.is_ok()).count() < 300
+        && t0.elapsed() < Duration::from_secs(20)
+    {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let crash = tokio::task::block_in_place(|| crash_leader(lab));
     let new_port = lab.node_pg_port(&crash.new) as i32;
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -845,7 +851,14 @@ async fn e_rest_down_keeps_last_leader() {
     }
     let pids = lab.patroni_pids();
     assert_eq!(pids.len(), 2, "patroni pid files");
-    // Stay well under ttl (8 s): a leader that cannot renew its lease would demote itself on SIGCONT.
+    // Clients log in before the stop: a SCRAM exchange in a debug build on a busy box can take a second, and
+    // the stop must stay well under ttl (8 s) or the leader demotes itself on SIGCONT.
+    let mut clients = Vec::new();
+    for _ in 0..6 {
+        let c = connect(&relay_url(&r)).await;
+        c.batch_execute("create table if not exists rest_down(x int)").await.unwrap();
+        clients.push(Arc::new(c));
+    }
     let stopped_at = Instant::now();
     let cont = Cont(pids.clone());
     for p in &pids {
@@ -855,30 +868,34 @@ async fn e_rest_down_keeps_last_leader() {
     // pgrelay needs one failed poll round (2 endpoints x 300 ms timeout) to notice.
     tokio::time::sleep(Duration::from_millis(1200)).await;
 
-    // New client connections and 6 concurrent transactions (more than the idle connections) all write.
+    // 6 concurrent transactions (more than the idle server connections, so new ones are opened) and a new client
+    // login, twice, all write on the last leader.
     let mut ok = 0;
-    // Two rounds: with every patroni stopped the clock runs towards the leader lease (ttl 8 s), and a new client
-    // costs a SCRAM exchange in a debug build, so more rounds risk the assertion on the stop time below.
     for round in 0..2 {
         let mut handles = Vec::new();
-        for i in 0..6 {
-            let url = relay_url(&r);
+        for (i, c) in clients.iter().enumerate() {
+            let c = c.clone();
             handles.push(tokio::spawn(async move {
-                let c = try_connect(&url).await.map_err(|e| msg(&e))?;
-                c.batch_execute("create table if not exists rest_down(x int)").await.map_err(|e| msg(&e))?;
-                simple_value(&c, "select inet_server_port() from pg_sleep(0.1)")
+                simple_value(&c, "insert into rest_down select 1 from pg_sleep(0.1) returning inet_server_port()")
                     .await
                     .map(|p| p.parse::<i32>().unwrap_or(-1))
                     .map_err(|e| format!("{round}/{i}: {}", msg(&e)))
             }));
         }
+        let url = relay_url(&r);
+        handles.push(tokio::spawn(async move {
+            let c = try_connect(&url).await.map_err(|e| format!("{round}/login: {}", msg(&e)))?;
+            simple_value(&c, "insert into rest_down values (2) returning inet_server_port()")
+                .await
+                .map(|p| p.parse::<i32>().unwrap_or(-1))
+                .map_err(|e| format!("{round}/new: {}", msg(&e)))
+        }));
         for h in handles {
             let p =
                 h.await.unwrap().unwrap_or_else(|e| panic!("write while patroni is stopped failed: {e}\n{}", r.log()));
             assert_eq!(p, port);
             ok += 1;
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let show = admin(&r, "show cluster");
     let metrics = r.http_get("/metrics");
@@ -899,6 +916,16 @@ async fn e_rest_down_keeps_last_leader() {
     eprintln!("metrics mentioning patroni/leader/reachable: {metric_lines:?}");
     assert!(stopped_for < Duration::from_secs(7), "patroni was stopped too long ({stopped_for:?})");
     assert!(!said.is_empty(), "pgrelay did not log that patroni is unreachable:\n{}", r.log());
+    assert!(
+        metric_lines.iter().any(|l| l.starts_with("pgrelay_patroni_reachable{") && l.ends_with(" 0")),
+        "pgrelay_patroni_reachable should be 0 while patroni is stopped: {metric_lines:?}"
+    );
+    assert!(
+        metric_lines.iter().any(|l| l.starts_with("pgrelay_patroni_leader_info{")
+            && l.contains(&format!("member=\"{leader}\""))
+            && l.ends_with(" 1")),
+        "pgrelay_patroni_leader_info should name {leader}: {metric_lines:?}"
+    );
     assert!(
         metric_lines.iter().any(|l| l.starts_with("pgrelay_patroni_reachable{") && l.ends_with(" 0")),
         "pgrelay_patroni_reachable should be 0 while patroni is stopped: {metric_lines:?}"

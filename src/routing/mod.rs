@@ -269,9 +269,9 @@ pub async fn follow_cluster(
             }
             current = target;
         }
-        for m in &v.members {
-            if !member_gauges.contains_key(&m.name) && member_gauges.len() < MAX_MEMBER_GAUGES {
-                member_gauges.insert(m.name.clone(), (metrics.leader_info)(&m.name));
+        for m in v.members.iter().map(|m| m.name.as_str()).chain(follow.routed_name()) {
+            if !member_gauges.contains_key(m) && member_gauges.len() < MAX_MEMBER_GAUGES {
+                member_gauges.insert(m.to_string(), (metrics.leader_info)(m));
             }
         }
         for (m, g) in &member_gauges {
@@ -297,4 +297,150 @@ async fn sleep_until_opt(t: Option<Instant>) {
 /// An empty route (no target yet), for databases that follow a cluster.
 pub fn pending() -> (watch::Sender<Route>, watch::Receiver<Route>) {
     watch::channel(Route { target: None, generation: 1, since: Instant::now() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::patroni::{initial_view, Member, Role};
+    use super::*;
+
+    fn member(name: &str, port: u16) -> Member {
+        Member {
+            name: name.into(),
+            role: Role::Leader,
+            state: "running".into(),
+            host: "127.0.0.1".into(),
+            port,
+            api_url: None,
+            timeline: None,
+            lag_bytes: None,
+        }
+    }
+
+    fn view(leader: Option<(&str, u16)>) -> ClusterView {
+        let mut v = initial_view();
+        v.reachable = true;
+        v.leader = leader.map(|(n, p)| member(n, p));
+        v
+    }
+
+    fn t(port: u16) -> Option<Target> {
+        Some(Target { host: "127.0.0.1".into(), port })
+    }
+
+    fn pending(leader: &str, candidate: &str) -> FailoverKey {
+        FailoverKey::Pending(PendingFailover { leader: Some(leader.into()), candidate: Some(candidate.into()) })
+    }
+
+    const DELAY: Duration = Duration::from_millis(500);
+
+    #[test]
+    fn switchover_drains_then_routes_to_the_new_leader() {
+        let mut f = Follow::new(DELAY);
+        let t0 = Instant::now();
+        let n1 = view(Some(("node1", 1)));
+        assert_eq!(f.step(&n1, &FailoverKey::Idle, t0), (t(1), Change::None));
+        // The key appears while /cluster still says node1 is running: hold.
+        let (target, change) = f.step(&n1, &pending("node1", "node2"), t0 + Duration::from_millis(10));
+        assert_eq!(target, None);
+        assert_eq!(change, Change::Drain { from: "node1".into(), to: Some("node2".into()) });
+        // Still holding through the no-leader gap, even once the key is cleared.
+        let gap = view(None);
+        assert_eq!(f.step(&gap, &pending("node1", "node2"), t0 + Duration::from_secs(1)).0, None);
+        assert_eq!(f.step(&gap, &FailoverKey::Idle, t0 + Duration::from_millis(1100)).0, None);
+        // The new leader ends the hold at once.
+        let (target, change) = f.step(&view(Some(("node2", 2))), &FailoverKey::Idle, t0 + Duration::from_millis(1200));
+        assert_eq!(target, t(2));
+        assert_eq!(change, Change::DrainEnded { reason: "new leader" });
+        assert_eq!(f.next_wakeup(), None);
+    }
+
+    #[test]
+    fn refused_switchover_goes_back_to_the_old_leader() {
+        let mut f = Follow::new(DELAY);
+        let t0 = Instant::now();
+        let n1 = view(Some(("node1", 1)));
+        f.step(&n1, &FailoverKey::Idle, t0);
+        assert_eq!(f.step(&n1, &pending("node1", "node2"), t0).0, None);
+        // Key cleared, node1 still running: not before release_delay...
+        let t1 = t0 + Duration::from_millis(300);
+        assert_eq!(f.step(&n1, &FailoverKey::Idle, t1).0, None);
+        assert_eq!(f.next_wakeup(), Some(t1 + DELAY));
+        assert_eq!(f.step(&n1, &FailoverKey::Idle, t1 + DELAY / 2).0, None);
+        // ...then back to node1.
+        let (target, change) = f.step(&n1, &FailoverKey::Idle, t1 + DELAY);
+        assert_eq!((target, change), (t(1), Change::DrainEnded { reason: "failover key cleared" }));
+    }
+
+    #[test]
+    fn a_hold_is_bounded_and_not_repeated_for_the_same_request() {
+        let mut f = Follow::new(DELAY);
+        let t0 = Instant::now();
+        let n1 = view(Some(("node1", 1)));
+        let key = pending("node1", "node2");
+        f.step(&n1, &FailoverKey::Idle, t0);
+        assert_eq!(f.step(&n1, &key, t0).0, None);
+        assert_eq!(f.next_wakeup(), Some(t0 + MAX_SWITCHOVER_HOLD));
+        let (target, change) = f.step(&n1, &key, t0 + MAX_SWITCHOVER_HOLD);
+        assert_eq!((target, change), (t(1), Change::DrainEnded { reason: "held too long" }));
+        assert_eq!(f.step(&n1, &key, t0 + MAX_SWITCHOVER_HOLD * 2).0, t(1), "same stale request: no new hold");
+        // A new request drains again.
+        f.step(&n1, &FailoverKey::Idle, t0 + MAX_SWITCHOVER_HOLD * 2);
+        assert_eq!(f.step(&n1, &key, t0 + MAX_SWITCHOVER_HOLD * 3).0, None);
+    }
+
+    #[test]
+    fn requests_that_keep_the_leader_or_unknown_keys_change_nothing() {
+        let mut f = Follow::new(DELAY);
+        let t0 = Instant::now();
+        let n1 = view(Some(("node1", 1)));
+        assert_eq!(f.step(&n1, &FailoverKey::Unknown, t0).0, t(1));
+        assert_eq!(f.step(&n1, &pending("node2", "node1"), t0).0, t(1));
+        let to_self = FailoverKey::Pending(PendingFailover { leader: None, candidate: Some("node1".into()) });
+        assert_eq!(f.step(&n1, &to_self, t0).0, t(1));
+        // Patroni unreachable: the view keeps the last leader, and so does the route.
+        let mut down = n1.clone();
+        down.reachable = false;
+        assert_eq!(f.step(&down, &FailoverKey::Unknown, t0).0, t(1));
+        assert_eq!(f.step(&view(None), &FailoverKey::Idle, t0).0, None);
+    }
+
+    async fn wait_route(rx: &mut watch::Receiver<Route>, want: Option<Target>) {
+        let r = tokio::time::timeout(Duration::from_secs(2), rx.wait_for(|r| r.target.as_deref() == want.as_ref()));
+        r.await.expect("route within 2 s").expect("route channel open");
+    }
+
+    #[tokio::test]
+    async fn follow_counts_a_switchover_across_the_gap() {
+        let recorder = crate::observe::Metrics::new();
+        let changes = recorder.counter("pgrelay_leader_changes_total", &[("cluster", "c".into())]);
+        let m = Arc::new(recorder);
+        let mm = m.clone();
+        let metrics = ClusterMetrics {
+            leader_changes: changes,
+            reachable: m.gauge("pgrelay_patroni_reachable", &[("cluster", "c".into())]),
+            switchover_pending: m.gauge("pgrelay_patroni_switchover_pending", &[("cluster", "c".into())]),
+            etcd_reachable: None,
+            leader_info: Box::new(move |member: &str| {
+                mm.gauge("pgrelay_patroni_leader_info", &[("cluster", "c".into()), ("member", member.to_string())])
+            }),
+        };
+        let (vtx, vrx) = watch::channel(view(Some(("node1", 1))));
+        let (ktx, krx) = watch::channel(FailoverKey::Idle);
+        let (rtx, mut rrx) = super::pending();
+        let token = CancellationToken::new();
+        let task = tokio::spawn(follow_cluster("c".into(), vrx, krx, vec![rtx], metrics, DELAY, token.clone()));
+        wait_route(&mut rrx, t(1)).await;
+        ktx.send(pending("node1", "node2")).unwrap();
+        wait_route(&mut rrx, None).await;
+        vtx.send(view(None)).unwrap();
+        vtx.send(view(Some(("node2", 2)))).unwrap();
+        wait_route(&mut rrx, t(2)).await;
+        let text = m.render();
+        assert!(text.contains("pgrelay_leader_changes_total{cluster=\"c\"} 1"), "{text}");
+        assert!(text.contains("pgrelay_patroni_leader_info{cluster=\"c\",member=\"node2\"} 1"), "{text}");
+        assert!(text.contains("pgrelay_patroni_switchover_pending{cluster=\"c\"} 0"), "{text}");
+        token.cancel();
+        task.await.unwrap();
+    }
 }
