@@ -253,9 +253,10 @@ impl Pool {
 
     /// Checks an idle connection before handing it out (server_check_query after server_check_delay idle).
     async fn prepare_idle(self: &Arc<Self>, mut conn: ServerConn) -> Option<ServerConn> {
-        // A server that died while the connection sat idle (a crashed leader) would fail the client's next
-        // transaction, which never reached it: drop it here and the checkout goes on.
-        if peer_gone(&conn) {
+        // A leader that died while the connection sat idle (a crash) would fail the client's next transaction,
+        // which never reached it: drop the connection here and the checkout goes on (one non-blocking peek;
+        // only for Patroni-routed pools, where a dying server is an expected event).
+        if self.must_be_primary && peer_gone(&conn) {
             debug!(pool = %self.key.database, server = conn.id, "idle server hung up, dropping it");
             self.forget(conn);
             return None;

@@ -615,8 +615,9 @@ async fn b_switchover_under_pgbench_zero_errors() {
     assert!(changes >= 1.0, "pgrelay_leader_changes_total did not move");
 }
 
-/// (c) kill -9 of the leader's patroni + postgres under write load: pgrelay routes to the new leader quickly
-/// after /cluster names it (target 300 ms, asserted < 1 s), and only the transactions in flight at the kill fail.
+/// (c) kill -9 of the leader's patroni + postgres under write load: the first write through pgrelay commits on
+/// the new leader within 300 ms of /cluster naming it, and only the transactions in flight at the kill fail (new
+/// ones wait through the ~8 s until Patroni names the new leader).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn c_crash_failover_reroute_time() {
     use std::sync::atomic::{AtomicBool, Ordering};
@@ -730,7 +731,12 @@ async fn c_crash_failover_reroute_time() {
     tokio::task::block_in_place(|| lab.ready());
 
     let reroute = reroute.expect("no write ever committed on the new leader through pgrelay");
-    assert!(reroute < 1000.0, "re-route took {reroute:.0} ms (target < 300 ms)");
+    // Measured on a loaded 2-vCPU box (debug build): 99-238 ms over 6 runs, of which PostgreSQL's own promotion
+    // (leaving recovery) was 73-183 ms and pgrelay's part 9-55 ms.
+    assert!(reroute < 300.0, "re-route took {reroute:.0} ms (target < 300 ms)");
+    if let Some(own) = writable_at.zip(first_new).map(|(w, f)| delta_ms(w, f)) {
+        assert!(own < 150.0, "pgrelay's first write came {own:.0} ms after PostgreSQL left recovery");
+    }
     assert!(
         later.is_empty(),
         "{} transactions that started after the kill failed (only in-flight ones may): {:?}",
