@@ -138,13 +138,13 @@ run_event() {
   fi
   tail -n +"$((relay_lines + 1))" "$RELAY_LOG" | sed 's/\x1b\[[0-9;]*m//g' >"$dir/pgrelay.log"
   local route_ts route_epoch="" hold_ts hold_epoch="" stop_ts stop_epoch=""
-  route_ts=$(grep "routing to new leader.*leader=127.0.0.1:$(pg_port "${new#node}")" "$dir/pgrelay.log" | head -n1 | awk '{print $1}')
+  route_ts=$(grep "routing to new leader.*leader=127.0.0.1:$(pg_port "${new#node}")" "$dir/pgrelay.log" | head -n1 | awk '{print $1}' || true)
   [ -n "$route_ts" ] && route_epoch=$(utc_epoch "$route_ts")
   # Switchover only: when pgrelay began holding new transactions (failover key seen) vs. when the old leader's
   # PostgreSQL got its fast shutdown request (its log line in the patroni log, default prefix "%m [%p] ").
-  hold_ts=$(grep "switchover pending" "$dir/pgrelay.log" | head -n1 | awk '{print $1}')
+  hold_ts=$(grep "switchover pending" "$dir/pgrelay.log" | head -n1 | awk '{print $1}' || true)
   [ -n "$hold_ts" ] && hold_epoch=$(utc_epoch "$hold_ts")
-  stop_ts=$(grep "received fast shutdown request" "$LAB/log/patroni${old#node}.log" 2>/dev/null | tail -n1 | awk '{print $1" "$2" "$3}')
+  stop_ts=$(grep "received fast shutdown request" "$LAB/log/patroni${old#node}.log" 2>/dev/null | tail -n1 | awk '{print $1" "$2" "$3}' || true)
   [ "$ev" = switchover ] && [ -n "$stop_ts" ] && stop_epoch=$(utc_epoch "$stop_ts")
   /usr/bin/python3 - "$ev" "$dir" "$t_ev" "$new" "$(pg_port "${new#node}")" "$rc" "$route_epoch" "$hold_epoch" "$stop_epoch" <<'PY'
 import glob, json, re, sys

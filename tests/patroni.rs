@@ -239,9 +239,18 @@ fn start_relay(lab: &Lab) -> Relay {
          [auth]\ntype = \"scram-sha-256\"\nfile = \"userlist.txt\"\nadmin_users = [\"pgrelay\"]\n\n\
          [metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n\n\
          [databases.postgres]\npatroni = \"main\"\n\n\
-         [patroni.main]\nendpoints = [\"http://127.0.0.1:{}\", \"http://127.0.0.1:{}\"]\npoll_interval = \"100ms\"\nhttp_timeout = \"300ms\"\n\
-         etcd = [\"http://127.0.0.1:{}\"]\nscope = \"hft\"\nnamespace = \"/service/\"\netcd_poll_interval = \"25ms\"\n",
-        lab.rest_ports[0], lab.rest_ports[1], lab.etcd_port
+         [patroni.main]\nendpoints = [\"http://127.0.0.1:{}\", \"http://127.0.0.1:{}\"]\npoll_interval = \"100ms\"\nhttp_timeout = \"300ms\"\n{}",
+        lab.rest_ports[0],
+        lab.rest_ports[1],
+        // PGRELAY_TEST_NO_ETCD=1 measures the fallback: /cluster and connect retries only, no failover key.
+        if std::env::var_os("PGRELAY_TEST_NO_ETCD").is_some() {
+            String::new()
+        } else {
+            format!(
+                "etcd = [\"http://127.0.0.1:{}\"]\nscope = \"hft\"\nnamespace = \"/service/\"\netcd_poll_interval = \"25ms\"\n",
+                lab.etcd_port
+            )
+        }
     );
     std::fs::write(dir.path().join("proxy.toml"), cfg).unwrap();
     let mut r = Relay { port, metrics_port, dir, child: None };
