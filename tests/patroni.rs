@@ -959,3 +959,89 @@ async fn e_rest_down_keeps_last_leader() {
     tokio::task::block_in_place(|| lab.ready());
     assert_eq!(lab.leader().as_deref(), Some(leader.as_str()));
 }
+
+/// (f) No lab needed: a Patroni-routed pool whose leader hangs up on every login keeps checkouts waiting until
+/// their deadline (they end with query_wait_timeout, not the connect error), paces its attempts (one per
+/// connect_retry for the whole pool, not one per waiting client), and tries a new leader at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn f_pool_waits_for_an_unavailable_leader() {
+    use pgrelay::config::{Config, DatabaseConfig, Dur, PatroniConfig};
+    use pgrelay::pool::{DbLimit, Pool, PoolKey};
+    use pgrelay::server::{Login, Target};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A "leader" that accepts and hangs up at once; counts the attempts.
+    async fn hang_up_server() -> (u16, Arc<AtomicUsize>) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        let n = Arc::new(AtomicUsize::new(0));
+        let n2 = n.clone();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                n2.fetch_add(1, Ordering::Relaxed);
+                drop(s);
+            }
+        });
+        (port, n)
+    }
+
+    let mut cfg = Config::default();
+    cfg.patroni
+        .insert("main".into(), PatroniConfig { connect_retry: Dur(Duration::from_millis(50)), ..Default::default() });
+    let db = DatabaseConfig { patroni: Some("main".into()), ..Default::default() };
+    cfg.databases.insert("postgres".into(), db.clone());
+    let settings = cfg.pool_settings(&db);
+    let (old, old_attempts) = hang_up_server().await;
+    let (route_tx, route_rx) = pgrelay::routing::pending();
+    pgrelay::routing::publish(&route_tx, Some(Target { host: "127.0.0.1".into(), port: old }));
+    let metrics = pgrelay::observe::Metrics::new();
+    let pool = Arc::new(Pool::new(
+        PoolKey { database: "postgres".into(), user: "postgres".into() },
+        Login { user: "postgres".into(), database: "postgres".into(), secret: None, scram_keys: None },
+        settings,
+        Arc::new(arc_swap::ArcSwap::from_pointee(cfg)),
+        route_rx,
+        true,
+        metrics.pool("postgres", false),
+        Arc::new(DbLimit::default()),
+    ));
+
+    let wait = Duration::from_millis(600);
+    let t0 = Instant::now();
+    let handles: Vec<_> = (0..4)
+        .map(|_| {
+            let pool = pool.clone();
+            tokio::spawn(async move { pool.checkout(Some(Instant::now() + wait)).await.map(|_| ()) })
+        })
+        .collect();
+    for h in handles {
+        let r = h.await.unwrap();
+        assert!(
+            matches!(r, Err(pgrelay::error::Error::Timeout("query_wait_timeout"))),
+            "a checkout must wait for the leader, not fail with the connect error: {r:?}"
+        );
+    }
+    let took = t0.elapsed();
+    let attempts = old_attempts.load(Ordering::Relaxed);
+    eprintln!("4 checkouts waited {took:?}; the unavailable leader saw {attempts} connection attempts");
+    assert!(took >= wait - Duration::from_millis(20), "{took:?}");
+    // 4 at once, then about one per 50 ms: ~16. Each client retrying on its own would be ~48.
+    assert!((4..=24).contains(&attempts), "{attempts} attempts in {took:?}");
+
+    // A failure on the old leader must not delay the first attempt on a new one (no carried-over pause).
+    let (new, new_attempts) = hang_up_server().await;
+    let p = pool.clone();
+    let h = tokio::spawn(async move { p.checkout(Some(Instant::now() + Duration::from_secs(2))).await.map(|_| ()) });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let before = new_attempts.load(Ordering::Relaxed);
+    let t1 = Instant::now();
+    pgrelay::routing::publish(&route_tx, Some(Target { host: "127.0.0.1".into(), port: new }));
+    while new_attempts.load(Ordering::Relaxed) == before {
+        assert!(t1.elapsed() < Duration::from_millis(500), "the new leader was not tried");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let first_try = t1.elapsed();
+    eprintln!("new leader tried {first_try:?} after the route changed");
+    assert!(first_try < Duration::from_millis(40), "{first_try:?}");
+    h.abort();
+}
