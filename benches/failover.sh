@@ -137,12 +137,20 @@ run_event() {
     "$D/up.sh" >"$dir/rejoin.log" 2>&1 || { tail -5 "$dir/rejoin.log"; die "rejoin failed"; }
   fi
   tail -n +"$((relay_lines + 1))" "$RELAY_LOG" | sed 's/\x1b\[[0-9;]*m//g' >"$dir/pgrelay.log"
-  local route_ts route_epoch=""
-  route_ts=$(grep "routing to new leader.*leader=127.0.0.1:$(pg_port "${new#node}")" "$dir/pgrelay.log" | head -n1 | awk '{print $1}')
+  local route_ts route_epoch="" hold_ts hold_epoch="" stop_ts stop_epoch=""
+  route_ts=$(grep "routing to new leader.*leader=127.0.0.1:$(pg_port "${new#node}")" "$dir/pgrelay.log" | head -n1 | awk '{print $1}' || true)
   [ -n "$route_ts" ] && route_epoch=$(utc_epoch "$route_ts")
-  /usr/bin/python3 - "$ev" "$dir" "$t_ev" "$new" "$(pg_port "${new#node}")" "$rc" "$route_epoch" <<'PY'
+  # Switchover only: when pgrelay began holding new transactions (failover key seen) vs. when the old leader's
+  # PostgreSQL got its fast shutdown request (its log line in the patroni log, default prefix "%m [%p] ").
+  hold_ts=$(grep "switchover pending" "$dir/pgrelay.log" | head -n1 | awk '{print $1}' || true)
+  [ -n "$hold_ts" ] && hold_epoch=$(utc_epoch "$hold_ts")
+  stop_ts=$(grep "received fast shutdown request" "$LAB/log/patroni${old#node}.log" 2>/dev/null | tail -n1 | awk '{print $1" "$2" "$3}' || true)
+  [ "$ev" = switchover ] && [ -n "$stop_ts" ] && stop_epoch=$(utc_epoch "$stop_ts")
+  /usr/bin/python3 - "$ev" "$dir" "$t_ev" "$new" "$(pg_port "${new#node}")" "$rc" "$route_epoch" "$hold_epoch" "$stop_epoch" <<'PY'
 import glob, json, re, sys
 ev, d, t_ev, new, new_port, rc, route = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4], int(sys.argv[5]), int(sys.argv[6]), sys.argv[7]
+hold = float(sys.argv[8]) if sys.argv[8] else None
+pgstop = float(sys.argv[9]) if sys.argv[9] else None
 out = open(d + '/pgbench.out', errors='replace').read()
 def num(label):
     m = re.search(re.escape(label) + r'\s*(\d+)', out)
@@ -177,12 +185,16 @@ print('/cluster names %s -> pgrelay "routing to new leader": %s' % (new, f(named
 print('/cluster names %s -> PostgreSQL on %s leaves recovery (direct probe): %s' % (new, new, f(named, writable)))
 print('/cluster names %s -> first probe write committed on it via pgrelay: %s (%s after PostgreSQL became writable)'
       % (new, f(named, first), f(writable, first)))
+if ev == 'switchover':
+    print('failover key: pgrelay held new transactions %s before the old leader\'s fast shutdown request; hold -> new leader routed: %s'
+          % (f(hold, pgstop), f(hold, float(route) if route else None)))
 json.dump(dict(event=ev, new=new, pgbench_exit=rc, processed=processed, failed=failed, aborted=aborted,
                probe_errors=len(perr), longest_ms=lat / 1000.0,
                cluster_after_event_ms=(named - t_ev) * 1000 if named else None,
                route_after_cluster_ms=(float(route) - named) * 1000 if (route and named) else None,
                first_write_after_cluster_ms=(first - named) * 1000 if (first and named) else None,
-               writable_after_cluster_ms=(writable - named) * 1000 if (writable and named) else None),
+               writable_after_cluster_ms=(writable - named) * 1000 if (writable and named) else None,
+               hold_before_shutdown_ms=(pgstop - hold) * 1000 if (hold and pgstop) else None),
           open(d + '/summary.json', 'w'))
 PY
 }

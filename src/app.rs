@@ -169,9 +169,10 @@ pub async fn run(shared: Arc<Shared>, listener: TcpListener, handlers: SignalHan
     Ok(())
 }
 
-/// Starts a watcher per `[patroni.NAME]` and routes the databases that follow it.
+/// Starts a watcher per `[patroni.NAME]` (plus a failover-key watcher when `etcd` is set) and routes the
+/// databases that follow it.
 fn start_patroni(shared: &Arc<Shared>) {
-    use crate::routing::{self, patroni};
+    use crate::routing::{self, failover, patroni};
     let cfg = shared.config.load_full();
     for (name, pc) in &cfg.patroni {
         let (tx, rx) = tokio::sync::watch::channel(patroni::initial_view());
@@ -182,6 +183,19 @@ fn start_patroni(shared: &Arc<Shared>) {
             http_timeout: pc.http_timeout.0,
         };
         tokio::spawn(patroni::watch(pcfg, tx, shared.shutdown.clone()));
+        let (key_tx, key_rx) = tokio::sync::watch::channel(failover::FailoverKey::Unknown);
+        if !pc.etcd.is_empty() {
+            let ecfg = failover::EtcdConfig {
+                cluster: name.clone(),
+                endpoints: pc.etcd.clone(),
+                key: failover::failover_key(&pc.namespace, pc.scope.as_deref().unwrap_or_default()),
+                poll_interval: pc.etcd_poll_interval.0,
+                http_timeout: pc.http_timeout.0,
+            };
+            info!(cluster = %name, etcd = ?pc.etcd, key = %ecfg.key, "watching patroni's failover key");
+            tokio::spawn(failover::watch(ecfg, key_tx, shared.shutdown.clone()));
+        }
+        // Without etcd the sender is dropped here and the key stays Unknown (the follower copes with a closed channel).
         let mut senders = Vec::new();
         for (db, dc) in &cfg.databases {
             if dc.patroni.as_deref() == Some(name.as_str()) {
@@ -191,8 +205,32 @@ fn start_patroni(shared: &Arc<Shared>) {
             }
         }
         shared.clusters.insert(name.clone(), rx.clone());
-        let counter = shared.metrics.counter("pgrelay_leader_changes_total", &[("cluster", name.clone())]);
-        tokio::spawn(routing::follow_cluster(name.clone(), rx, senders, counter, shared.shutdown.clone()));
+        let m = shared.metrics.clone();
+        let label = || vec![("cluster", name.clone())];
+        let info_name = name.clone();
+        let metrics = routing::ClusterMetrics {
+            leader_changes: m.counter("pgrelay_leader_changes_total", &label()),
+            reachable: m.gauge("pgrelay_patroni_reachable", &label()),
+            switchover_pending: m.gauge("pgrelay_patroni_switchover_pending", &label()),
+            etcd_reachable: (!pc.etcd.is_empty()).then(|| m.gauge("pgrelay_patroni_etcd_reachable", &label())),
+            leader_info: Box::new(move |member: &str| {
+                m.gauge(
+                    "pgrelay_patroni_leader_info",
+                    &[("cluster", info_name.clone()), ("member", member.to_string())],
+                )
+            }),
+        };
+        // Two /cluster polls: long enough that a stale view is not taken for a refused switchover.
+        let release_delay = pc.poll_interval.0 * 2 + pc.http_timeout.0;
+        tokio::spawn(routing::follow_cluster(
+            name.clone(),
+            rx,
+            key_rx,
+            senders,
+            metrics,
+            release_delay,
+            shared.shutdown.clone(),
+        ));
         info!(cluster = %name, endpoints = ?pc.endpoints, "following patroni cluster");
     }
 }

@@ -339,11 +339,30 @@ pub struct PatroniConfig {
     pub endpoints: Vec<String>,
     pub poll_interval: Dur,
     pub http_timeout: Dur,
+    /// etcd client URLs of Patroni's DCS (v3 API). When set, Patroni's `failover` key is watched so that a
+    /// switchover stops new transactions on the old leader before it shuts down.
+    pub etcd: Vec<String>,
+    /// Patroni's `scope` (the cluster name in the DCS); required with `etcd`.
+    pub scope: Option<String>,
+    /// Patroni's `namespace`.
+    pub namespace: String,
+    pub etcd_poll_interval: Dur,
+    /// Pause between connection attempts while the leader refuses them (crash, shutdown, promotion).
+    pub connect_retry: Dur,
 }
 
 impl Default for PatroniConfig {
     fn default() -> Self {
-        PatroniConfig { endpoints: Vec::new(), poll_interval: Dur::ms(100), http_timeout: Dur::ms(300) }
+        PatroniConfig {
+            endpoints: Vec::new(),
+            poll_interval: Dur::ms(100),
+            http_timeout: Dur::ms(300),
+            etcd: Vec::new(),
+            scope: None,
+            namespace: "/service".into(),
+            etcd_poll_interval: Dur::ms(25),
+            connect_retry: Dur::ms(50),
+        }
     }
 }
 
@@ -466,12 +485,25 @@ impl Config {
             if p.endpoints.is_empty() {
                 return Err(bad(&format!("patroni.{name}.endpoints"), "at least one endpoint"));
             }
-            for e in &p.endpoints {
-                if !e.starts_with("http://") {
-                    return Err(bad(
-                        &format!("patroni.{name}.endpoints"),
-                        &format!("{e:?}: expected http://host:port"),
-                    ));
+            for (k, urls) in [("endpoints", &p.endpoints), ("etcd", &p.etcd)] {
+                for e in urls {
+                    if !e.starts_with("http://") {
+                        return Err(bad(&format!("patroni.{name}.{k}"), &format!("{e:?}: expected http://host:port")));
+                    }
+                }
+            }
+            let scope_ok = p.scope.as_deref().is_some_and(|s| !s.is_empty() && !s.contains('/'));
+            if !p.etcd.is_empty() && !scope_ok {
+                return Err(bad(&format!("patroni.{name}.scope"), "etcd needs Patroni's scope (e.g. \"hft\")"));
+            }
+            for (k, d) in [
+                ("poll_interval", p.poll_interval),
+                ("http_timeout", p.http_timeout),
+                ("etcd_poll_interval", p.etcd_poll_interval),
+                ("connect_retry", p.connect_retry),
+            ] {
+                if d.0.is_zero() {
+                    return Err(bad(&format!("patroni.{name}.{k}"), "must be greater than zero"));
                 }
             }
         }

@@ -102,7 +102,19 @@ pub struct Pool {
     /// Content hash → version of statements whose server copies went stale (see `prepared::from_parse`).
     stmt_versions: Mutex<std::collections::HashMap<u64, u32>>,
     has_stmt_versions: AtomicBool,
-    last_login_error: Mutex<Option<Instant>>,
+    /// Set after a failed connect: no new attempt before `next_try` while the route stays the same.
+    backoff: Mutex<Option<Backoff>>,
+}
+
+/// Pacing of connection attempts to a target that just failed.
+#[derive(Clone, Copy, Debug)]
+struct Backoff {
+    /// Route generation of the failed target: a new route (a new leader) is tried at once.
+    generation: u64,
+    next_try: Instant,
+    /// When the current run of failures began, and how many attempts it took (for the recovery log line).
+    since: Instant,
+    attempts: u32,
 }
 
 /// Result of the locked part of a checkout.
@@ -143,7 +155,7 @@ impl Pool {
             max_wait_us: AtomicU64::new(0),
             stmt_versions: Mutex::new(Default::default()),
             has_stmt_versions: AtomicBool::new(false),
-            last_login_error: Mutex::new(None),
+            backoff: Mutex::new(None),
         }
     }
 
@@ -186,7 +198,7 @@ impl Pool {
                 },
                 Step::Connect => {
                     immediate = false;
-                    break self.open().await;
+                    break self.open(deadline).await;
                 }
                 Step::Wait(rx) => {
                     immediate = false;
@@ -211,7 +223,7 @@ impl Pool {
                             Some(conn) => break Ok(conn),
                             None => continue,
                         },
-                        Some(Grant::Slot) => break self.open().await,
+                        Some(Grant::Slot) => break self.open(deadline).await,
                         None => continue,
                     }
                 }
@@ -273,6 +285,14 @@ impl Pool {
 
     /// Checks an idle connection before handing it out (server_check_query after server_check_delay idle).
     async fn prepare_idle(self: &Arc<Self>, mut conn: ServerConn, now: Instant) -> Option<ServerConn> {
+        // A leader that died while the connection sat idle (a crash) would fail the client's next transaction,
+        // which never reached it: drop the connection here and the checkout goes on (one non-blocking peek;
+        // only for Patroni-routed pools, where a dying server is an expected event).
+        if self.must_be_primary && peer_gone(&conn) {
+            debug!(pool = %self.key.database, server = conn.id, "idle server hung up, dropping it");
+            self.forget(conn);
+            return None;
+        }
         let (delay, query) = {
             let cfg = self.config.load();
             (cfg.proxy.server_check_delay.0, cfg.proxy.server_check_query.clone())
@@ -288,9 +308,9 @@ impl Pool {
         Some(conn)
     }
 
-    /// Opens a new connection for a slot already counted in `total`.
-    async fn open(self: &Arc<Self>) -> Result<ServerConn> {
-        match self.connect().await {
+    /// Opens a new connection for a slot already counted in `total`, giving up at `deadline`.
+    async fn open(self: &Arc<Self>, deadline: Option<Instant>) -> Result<ServerConn> {
+        match self.connect(deadline).await {
             Ok(conn) => {
                 let mut g = self.inner.lock();
                 g.servers.insert(
@@ -311,63 +331,141 @@ impl Pool {
         }
     }
 
-    async fn connect(&self) -> Result<ServerConn> {
-        // server_login_retry: after a failed login, wait before hammering the server again.
-        let retry = self.config.load().proxy.server_login_retry.0;
-        let last = *self.last_login_error.lock();
-        if let Some(t) = last {
-            let since = t.elapsed();
-            if since < retry {
-                tokio::time::sleep(retry - since).await;
-            }
-        }
-        // A Patroni leader may still be finishing its promotion: retry "in recovery" for a few seconds.
-        let give_up = Instant::now() + Duration::from_secs(5);
+    /// Connects to the route's current target.
+    ///
+    /// A fixed host fails fast (after server_login_retry since the last failure, like pgBouncer). A pool that
+    /// follows a Patroni leader instead waits and retries, up to `deadline`: while there is no leader, and while
+    /// the leader refuses connections (crashed but still named by Patroni for up to its ttl, shutting down for a
+    /// switchover, starting up, still in recovery after its promotion). New transactions then wait for the new
+    /// leader instead of failing. Attempts are paced by `connect_retry`, one at a time per pool; a new route
+    /// (generation) is tried at once.
+    async fn connect(&self, deadline: Option<Instant>) -> Result<ServerConn> {
+        let mut route_rx = self.route.clone();
         loop {
-            let mut conn = self.connect_once().await?;
-            if !self.must_be_primary {
-                break self.connected(conn);
+            // 1. A target to try (none while Patroni names no leader or a switchover is pending).
+            let (target, generation) = loop {
+                let r = route_rx.borrow_and_update().clone();
+                if let Some(t) = r.target {
+                    break (t, r.generation);
+                }
+                tokio::select! {
+                    c = route_rx.changed() => if c.is_err() { return Err(Error::Pool("routing stopped".into())) },
+                    _ = sleep_until_opt(deadline) => return Err(Error::Timeout("query_wait_timeout")),
+                }
+            };
+            // 2. Wait out the pause after a failure on this same route (a new route clears it).
+            if let Some(until) = self.claim_attempt(generation) {
+                if !self.must_be_primary {
+                    tokio::time::sleep_until(until.into()).await;
+                } else {
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(until.into()) => {}
+                        c = route_rx.changed() => if c.is_err() { return Err(Error::Pool("routing stopped".into())) },
+                        _ = sleep_until_opt(deadline) => return Err(Error::Timeout("query_wait_timeout")),
+                    }
+                    continue;
+                }
             }
-            let rows = conn.query_column("select pg_is_in_recovery()").await?;
-            if rows.first().and_then(|r| r.first()).cloned().flatten().as_deref() == Some("f") {
-                break self.connected(conn);
+            // 3. Connect; a leader must also be writable.
+            let attempt = async {
+                let mut conn = self.connect_once(&target, generation).await?;
+                if !self.must_be_primary {
+                    return Ok(conn);
+                }
+                let rows = conn.query_column("select pg_is_in_recovery()").await?;
+                if rows.first().and_then(|r| r.first()).cloned().flatten().as_deref() == Some("f") {
+                    return Ok(conn);
+                }
+                conn.terminate().await;
+                Err(Error::ServerRefused {
+                    code: "57P03".into(),
+                    message: "in recovery (promotion not finished)".into(),
+                })
+            };
+            let e = match attempt.await {
+                Ok(conn) => return self.connected(conn),
+                Err(e) => e,
+            };
+            // 4. Remember the failure; a leader that is only unavailable for now is tried again.
+            let first = self.note_failure(generation);
+            if !self.must_be_primary || !leader_unavailable(&e) {
+                warn!(db = %self.key.database, user = %self.key.user, server = %target, error = %e, "server connect failed");
+                return Err(e);
             }
-            conn.terminate().await;
-            if Instant::now() > give_up {
-                return Err(Error::Pool(format!("{} is not writable (in recovery)", self.key.database)));
+            if first {
+                warn!(db = %self.key.database, user = %self.key.user, server = %target, error = %e,
+                    "leader unavailable; new transactions wait and retry");
+            } else {
+                debug!(db = %self.key.database, server = %target, error = %e, "leader still unavailable");
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return Err(Error::Timeout("query_wait_timeout"));
+            }
         }
     }
 
-    async fn connect_once(&self) -> Result<ServerConn> {
-        let mut route_rx = self.route.clone();
-        let (target, generation) = loop {
-            let r = route_rx.borrow_and_update().clone();
-            match r.target {
-                Some(t) => break (t, r.generation),
-                // No writable leader right now: wait for routing rather than fail (bounded by the caller's deadline).
-                None => {
-                    if route_rx.changed().await.is_err() {
-                        return Err(Error::Pool("routing stopped".into()));
-                    }
-                }
+    /// Pause between attempts after a failure: short for a Patroni leader (it comes back or is replaced within
+    /// seconds, and waiting clients should not notice the pause), server_login_retry for a fixed host.
+    fn retry_pause(&self) -> Duration {
+        let cfg = self.config.load();
+        if !self.must_be_primary {
+            return cfg.proxy.server_login_retry.0;
+        }
+        cfg.databases
+            .get(&self.key.database)
+            .and_then(|d| d.patroni.as_ref())
+            .and_then(|p| cfg.patroni.get(p))
+            .map_or(Duration::from_millis(50), |p| p.connect_retry.0)
+    }
+
+    /// `Some(until)` when an attempt on `generation` must wait; otherwise the attempt may go ahead, and while
+    /// failures are being paced it takes the next turn, so waiting checkouts try one at a time.
+    fn claim_attempt(&self, generation: u64) -> Option<Instant> {
+        let mut b = self.backoff.lock();
+        let cur = (*b)?;
+        if cur.generation != generation {
+            *b = None;
+            return None;
+        }
+        let now = Instant::now();
+        if cur.next_try > now {
+            return Some(cur.next_try);
+        }
+        if self.must_be_primary {
+            b.as_mut().expect("checked above").next_try = now + self.retry_pause();
+        }
+        None
+    }
+
+    /// Records a failed attempt on `generation`; true for the first failure of a run.
+    fn note_failure(&self, generation: u64) -> bool {
+        let now = Instant::now();
+        let pause = self.retry_pause();
+        let mut b = self.backoff.lock();
+        match b.as_mut() {
+            Some(cur) if cur.generation == generation => {
+                cur.next_try = now + pause;
+                cur.attempts += 1;
+                false
             }
-        };
-        let cfg = self.config.load_full();
-        let login = self.login.load_full();
-        match ServerConn::connect(target.clone(), &login, &cfg.proxy, generation).await {
-            Ok(c) => Ok(c),
-            Err(e) => {
-                *self.last_login_error.lock() = Some(Instant::now());
-                warn!(db = %self.key.database, user = %self.key.user, server = %target, error = %e, "server connect failed");
-                Err(e)
+            _ => {
+                *b = Some(Backoff { generation, next_try: now + pause, since: now, attempts: 1 });
+                true
             }
         }
+    }
+
+    async fn connect_once(&self, target: &Arc<Target>, generation: u64) -> Result<ServerConn> {
+        let cfg = self.config.load_full();
+        let login = self.login.load_full();
+        ServerConn::connect(target.clone(), &login, &cfg.proxy, generation).await
     }
 
     fn connected(&self, conn: ServerConn) -> Result<ServerConn> {
-        *self.last_login_error.lock() = None;
+        if let Some(b) = self.backoff.lock().take() {
+            info!(db = %self.key.database, server = %conn.target, failed_attempts = b.attempts,
+                waited_ms = b.since.elapsed().as_millis() as u64, "server connect succeeded again");
+        }
         debug!(db = %self.key.database, server = %conn.target, pid = conn.backend_pid, "server connected");
         {
             let mut p = self.server_params.lock();
@@ -495,8 +593,10 @@ impl Pool {
         }
         for _ in 0..to_open {
             let pool = self.clone();
+            // Bounded: a leader that stays unavailable must not pin the slot.
+            let deadline = Instant::now() + Duration::from_secs(10);
             tokio::spawn(async move {
-                if let Ok(conn) = pool.open().await {
+                if let Ok(conn) = pool.open(Some(deadline)).await {
                     pool.checkin(conn, Instant::now());
                 }
             });
@@ -620,6 +720,39 @@ fn close_now(conn: ServerConn) {
         let _ = s.try_write(&[b'X', 0, 0, 0, 4]);
     } else if let crate::server::ServerStream::Unix(s) = &conn.stream {
         let _ = s.try_write(&[b'X', 0, 0, 0, 4]);
+    }
+}
+
+/// True when an idle server has hung up, or sent an unrequested ErrorResponse (a FATAL before it closes).
+fn peer_gone(conn: &ServerConn) -> bool {
+    use std::os::fd::AsRawFd;
+    if conn.rbuf.first() == Some(&b'E') {
+        return true;
+    }
+    let fd = match &conn.stream {
+        crate::server::ServerStream::Tcp(s) => s.as_raw_fd(),
+        crate::server::ServerStream::Unix(s) => s.as_raw_fd(),
+        // Encrypted bytes cannot be peeked at meaningfully; a dead TLS server is found on first use instead.
+        crate::server::ServerStream::Tls(_) => return false,
+    };
+    let mut b = [0u8; 1];
+    // SAFETY: a non-blocking peek of at most one byte from an fd the connection owns into a local buffer.
+    let n = unsafe { libc::recv(fd, b.as_mut_ptr().cast(), 1, libc::MSG_PEEK | libc::MSG_DONTWAIT) };
+    if n < 0 {
+        return std::io::Error::last_os_error().kind() != std::io::ErrorKind::WouldBlock;
+    }
+    n == 0 || b[0] == b'E'
+}
+
+/// A connect error that means "the leader cannot take connections right now", not "this will never work":
+/// refused/reset sockets, a connect timeout, and PostgreSQL's shutdown/startup/recovery refusals (57P01
+/// admin_shutdown, 57P02 crash_shutdown, 57P03 cannot_connect_now). Authentication and missing-database
+/// errors are not retried.
+fn leader_unavailable(e: &Error) -> bool {
+    match e {
+        Error::Server(_) | Error::Timeout("server_connect_timeout") => true,
+        Error::ServerRefused { code, .. } => matches!(code.as_str(), "57P01" | "57P02" | "57P03"),
+        _ => false,
     }
 }
 

@@ -30,8 +30,9 @@ case "$cmd" in
     pm=$(postmaster_pid "$n") || true
     [ -n "$pat" ] || die "$old: patroni pid not found"
     [ -n "$pm" ] || die "$old: postmaster pid not found"
+    # A process that exits during the scan makes awk fail on its vanished /proc file: not an error here.
     kids=$(awk -v p="$pm" '{sub(/.*\) /, ""); if ($2 == p) print FILENAME}' /proc/[0-9]*/stat 2>/dev/null \
-           | cut -d/ -f3 | tr '\n' ' ')
+           | cut -d/ -f3 | tr '\n' ' ' || true)
     # shellcheck disable=SC2086
     kill -KILL "$pat" "$pm" $kids 2>/dev/null || true
     echo "KILLED $old $(now)"

@@ -320,27 +320,54 @@ fn parse_url(url: &str) -> Result<Target, PatroniError> {
 /// the whole response are bounded together by `timeout`; the body is capped at [`MAX_BODY`].
 /// Any status code is returned as-is; judging it is the caller's business.
 pub async fn http_get(url: &str, path: &str, timeout: Duration) -> Result<(u16, Vec<u8>), PatroniError> {
+    http_request(url, path, None, timeout).await
+}
+
+/// One POST of a JSON body (etcd's v3 gateway is read with `POST /v3/kv/range`), bounded and capped like
+/// [`http_get`].
+pub async fn http_post_json(
+    url: &str,
+    path: &str,
+    body: &[u8],
+    timeout: Duration,
+) -> Result<(u16, Vec<u8>), PatroniError> {
+    http_request(url, path, Some(body), timeout).await
+}
+
+async fn http_request(
+    url: &str,
+    path: &str,
+    body: Option<&[u8]>,
+    timeout: Duration,
+) -> Result<(u16, Vec<u8>), PatroniError> {
     let target = parse_url(url)?;
     if !path.starts_with('/') || path.bytes().any(|b| b <= b' ' || b == 0x7f) {
         return Err(PatroniError::InvalidPath(path.to_string()));
     }
-    match tokio::time::timeout(timeout, get_inner(&target, path)).await {
+    match tokio::time::timeout(timeout, request_inner(&target, path, body)).await {
         Ok(r) => r,
         Err(_) => Err(PatroniError::Timeout(timeout)),
     }
 }
 
-async fn get_inner(t: &Target, path: &str) -> Result<(u16, Vec<u8>), PatroniError> {
+async fn request_inner(t: &Target, path: &str, body: Option<&[u8]>) -> Result<(u16, Vec<u8>), PatroniError> {
     let mut stream = TcpStream::connect((t.host.as_str(), t.port))
         .await
         .map_err(|source| PatroniError::Connect { addr: t.authority.clone(), source })?;
     // One small write then wait: Nagle would only add latency here.
     let _ = stream.set_nodelay(true);
-    let request = format!(
-        "GET {}{} HTTP/1.1\r\nHost: {}\r\nUser-Agent: pgrelay\r\nAccept: application/json\r\nConnection: close\r\n\r\n",
+    let (method, extra) = match body {
+        None => ("GET", String::new()),
+        Some(b) => ("POST", format!("Content-Type: application/json\r\nContent-Length: {}\r\n", b.len())),
+    };
+    let mut request = format!(
+        "{method} {}{} HTTP/1.1\r\nHost: {}\r\nUser-Agent: pgrelay\r\nAccept: application/json\r\n{extra}Connection: close\r\n\r\n",
         t.prefix, path, t.authority
-    );
-    stream.write_all(request.as_bytes()).await?;
+    )
+    .into_bytes();
+    // Head and body in one write: one segment on loopback.
+    request.extend_from_slice(body.unwrap_or_default());
+    stream.write_all(&request).await?;
     read_response(stream, MAX_BODY).await
 }
 
