@@ -1197,29 +1197,4 @@ mod tests {
         let (allocs, _) = crate::observe::alloc_count::count(|| normalize(sql, &mut out));
         assert_eq!(allocs, 0, "normalize allocated although `out` had room");
     }
-
-    #[test]
-    #[ignore]
-    fn timing_normalize() {
-        let sql = "SELECT id, name, email FROM users WHERE org_id = 42 AND status IN (1, 2, 3) LIMIT 50";
-        let mut out = String::new();
-        let n = 1_000_000u32;
-        let mut acc = 0u64;
-        let start = std::time::Instant::now();
-        for _ in 0..n {
-            acc ^= normalize(std::hint::black_box(sql), &mut out);
-        }
-        let el = start.elapsed();
-        let start2 = std::time::Instant::now();
-        for _ in 0..n {
-            acc ^= fingerprint(std::hint::black_box(sql));
-        }
-        let el2 = start2.elapsed();
-        println!(
-            "query {} bytes: normalize {:.1} ns/op, fingerprint {:.1} ns/op (acc {acc:x})",
-            sql.len(),
-            el.as_nanos() as f64 / f64::from(n),
-            el2.as_nanos() as f64 / f64::from(n)
-        );
-    }
 }
