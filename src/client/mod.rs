@@ -90,8 +90,8 @@ pub async fn serve(shared: Arc<Shared>, socket: TcpStream, addr: SocketAddr) {
     crate::server::configure_tcp(&socket, &shared.config.load().proxy);
     let conn = ClientConn {
         stream: ClientStream::Tcp(socket),
-        rbuf: BytesMut::with_capacity(1024),
-        wbuf: BytesMut::with_capacity(1024),
+        rbuf: BytesMut::with_capacity(512),
+        wbuf: BytesMut::with_capacity(512),
         addr,
     };
     // One deadline covers encryption negotiation, the startup packet and authentication.

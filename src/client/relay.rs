@@ -238,8 +238,9 @@ impl Session {
             observer: shared.observer.clone(),
             obs_on: false,
             cur: Observed::default(),
-            texts: (0..RING).map(|_| TextSlot::default()).collect(),
-            binds: (0..RING).map(|_| (0, Vec::new())).collect(),
+            // Allocated on first use: most connections of a big fleet sit idle.
+            texts: Vec::new(),
+            binds: Vec::new(),
             seq: 0,
             fp_cache: HashMap::new(),
             rows: 0,
@@ -1279,6 +1280,9 @@ impl Session {
 
     fn save_text(&mut self, sql: &str, types: &[u8]) -> u32 {
         let seq = self.next_seq();
+        if self.texts.is_empty() {
+            self.texts = (0..RING).map(|_| TextSlot::default()).collect();
+        }
         let slot = &mut self.texts[seq as usize % RING];
         slot.seq = seq;
         slot.text.clear();
@@ -1290,6 +1294,9 @@ impl Session {
 
     fn save_bind(&mut self, body: &[u8]) -> u32 {
         let seq = self.next_seq();
+        if self.binds.is_empty() {
+            self.binds = (0..RING).map(|_| (0, Vec::new())).collect();
+        }
         let slot = &mut self.binds[seq as usize % RING];
         slot.0 = seq;
         slot.1.clear();
@@ -1302,7 +1309,8 @@ impl Session {
         let us = d.as_micros() as u64;
         let error = self.saw_error;
         let rows = self.rows;
-        let text_slot = (obs.text != 0).then(|| &self.texts[obs.text as usize % RING]).filter(|s| s.seq == obs.text);
+        let text_slot =
+            (obs.text != 0).then(|| self.texts.get(obs.text as usize % RING)).flatten().filter(|s| s.seq == obs.text);
         let text: &str = match (&obs.prepared, text_slot) {
             (Some(p), _) => &p.query,
             (None, Some(slot)) => &slot.text,
@@ -1335,7 +1343,8 @@ impl Session {
                 }
             }
         }
-        let (params, param_formats) = match (obs.bind != 0).then(|| &self.binds[obs.bind as usize % RING]) {
+        let (params, param_formats) = match (obs.bind != 0).then(|| self.binds.get(obs.bind as usize % RING)).flatten()
+        {
             Some((seq, body)) if *seq == obs.bind && !redacted => crate::observe::bind_params(body, &param_types),
             _ => (Vec::new(), Vec::new()),
         };
