@@ -197,12 +197,20 @@ fn start_patroni(shared: &Arc<Shared>) {
         }
         // Without etcd the sender is dropped here and the key stays Unknown (the follower copes with a closed channel).
         let mut senders = Vec::new();
+        let mut replica_senders = Vec::new();
         for (db, dc) in &cfg.databases {
             if dc.patroni.as_deref() == Some(name.as_str()) {
                 let (rtx, rrx) = routing::pending();
-                senders.push(rtx.clone());
+                if dc.role == Some(crate::config::DbRole::Replica) {
+                    replica_senders.push((rtx.clone(), dc.max_replica_lag.unwrap_or(1 << 20)));
+                } else {
+                    senders.push(rtx.clone());
+                }
                 shared.routes.insert(db.clone(), (rtx, rrx));
             }
+        }
+        if !replica_senders.is_empty() {
+            tokio::spawn(routing::follow_replicas(name.clone(), rx.clone(), replica_senders, shared.shutdown.clone()));
         }
         shared.clusters.insert(name.clone(), rx.clone());
         let m = shared.metrics.clone();

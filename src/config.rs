@@ -323,6 +323,19 @@ pub struct DatabaseConfig {
     pub max_db_connections: Option<usize>,
     /// Follow the leader of this `[patroni.NAME]` cluster instead of a static host.
     pub patroni: Option<String>,
+    /// With `patroni`: `replica` sends this pool to a streaming replica whose lag is below `max_replica_lag`
+    /// (falling back to the leader when none qualifies); `primary` (the default) to the leader.
+    pub role: Option<DbRole>,
+    /// Replication lag limit in bytes for `role = "replica"` (as Patroni's /cluster reports it); default 1 MiB.
+    pub max_replica_lag: Option<u64>,
+}
+
+/// Which member of a Patroni cluster a database's pool uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DbRole {
+    Primary,
+    Replica,
 }
 
 impl DatabaseConfig {
@@ -476,6 +489,9 @@ impl Config {
                     return Err(bad(&key("patroni"), &format!("no [patroni.{p}] section")))
                 }
                 _ => {}
+            }
+            if db.role == Some(DbRole::Replica) && db.patroni.is_none() {
+                return Err(bad(&key("role"), "role = \"replica\" needs patroni = \"CLUSTER\""));
             }
             if db.pool_size == Some(0) {
                 return Err(bad(&key("pool_size"), "must be at least 1"));

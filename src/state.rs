@@ -220,7 +220,7 @@ impl Shared {
             cfg.pool_settings(dbc),
             self.config.clone(),
             route,
-            dbc.patroni.is_some(),
+            dbc.patroni.is_some() && dbc.role != Some(crate::config::DbRole::Replica),
             metrics,
             limit,
         ));

@@ -226,6 +226,11 @@ fn http_get(port: u16, path: &str, timeout: Duration) -> Option<String> {
 
 /// Starts pgrelay with database `postgres` following the lab cluster.
 fn start_relay(lab: &Lab) -> Relay {
+    start_relay_with(lab, "")
+}
+
+/// `start_relay` with more TOML appended (more databases).
+fn start_relay_with(lab: &Lab, extra: &str) -> Relay {
     let port = free_port();
     let metrics_port = free_port();
     let dir = tempfile::Builder::new().prefix("pgrelay-patroni-").tempdir().expect("tempdir");
@@ -252,7 +257,7 @@ fn start_relay(lab: &Lab) -> Relay {
             )
         }
     );
-    std::fs::write(dir.path().join("proxy.toml"), cfg).unwrap();
+    std::fs::write(dir.path().join("proxy.toml"), format!("{cfg}\n{extra}\n")).unwrap();
     let mut r = Relay { port, metrics_port, dir, child: None };
     r.spawn();
     r
@@ -1044,4 +1049,35 @@ async fn f_pool_waits_for_an_unavailable_leader() {
     eprintln!("new leader tried {first_try:?} after the route changed");
     assert!(first_try < Duration::from_millis(40), "{first_try:?}");
     h.abort();
+}
+
+/// (g) Read-only routing: `role = "replica"` sends its pool to the streaming replica while its lag is below
+/// `max_replica_lag`, and to the leader when none qualifies (a limit of 0 bytes: nothing is strictly below it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn g_replica_routing_and_lag_fallback() {
+    let (lab, _turn) = lab().await;
+    let leader = lab.leader().expect("leader");
+    let replica = lab.other(&leader);
+    let r = start_relay_with(
+        lab,
+        "[databases.ro]\npatroni = \"main\"\ndbname = \"postgres\"\nrole = \"replica\"\nmax_replica_lag = 104857600\n\n\
+         [databases.ro_strict]\npatroni = \"main\"\ndbname = \"postgres\"\nrole = \"replica\"\nmax_replica_lag = 0\n",
+    );
+    wait_routed_to(&r, lab.node_pg_port(&leader), Duration::from_secs(10)).await;
+    let url = |db: &str| format!("host=127.0.0.1 port={} user=postgres password={PG_PASSWORD} dbname={db}", r.port);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let (port, in_recovery) = loop {
+        let c = connect(&url("ro")).await;
+        let port = server_port(&c).await.unwrap();
+        let rec = simple_value(&c, "select pg_is_in_recovery()").await.unwrap();
+        if port == lab.node_pg_port(replica) as i32 || Instant::now() > deadline {
+            break (port, rec);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(port, lab.node_pg_port(replica) as i32, "ro should use the replica");
+    assert_eq!(in_recovery, "t");
+    let c = connect(&url("ro_strict")).await;
+    assert_eq!(server_port(&c).await.unwrap(), lab.node_pg_port(&leader) as i32, "no replica qualifies: the leader");
+    assert_eq!(simple_value(&c, "select pg_is_in_recovery()").await.unwrap(), "f");
 }

@@ -444,3 +444,84 @@ mod tests {
         task.await.unwrap();
     }
 }
+
+/// The member a read-only pool should use: the running replica with the least lag strictly below `max_lag` bytes
+/// (staying on the current one while it still qualifies), else the leader. `None` when there is neither.
+pub fn pick_replica(view: &ClusterView, current: Option<&Target>, max_lag: u64) -> Option<Target> {
+    use self::patroni::Role;
+    let qualified: Vec<&patroni::Member> = view
+        .members
+        .iter()
+        .filter(|m| matches!(m.role, Role::Replica | Role::SyncStandby) && m.state == "running")
+        .filter(|m| m.lag_bytes.is_some_and(|l| l < max_lag))
+        .collect();
+    let target = |m: &patroni::Member| Target { host: m.host.clone(), port: m.port };
+    if let Some(cur) = current {
+        if let Some(m) = qualified.iter().find(|m| m.host == cur.host && m.port == cur.port) {
+            return Some(target(m));
+        }
+    }
+    qualified.iter().min_by_key(|m| m.lag_bytes).map(|m| target(m)).or_else(|| view.leader.as_ref().map(target))
+}
+
+/// Routes read-only pools (`role = "replica"`) of one cluster, each with its lag limit. While Patroni cannot be
+/// reached the current target is kept.
+pub async fn follow_replicas(
+    name: String,
+    mut view: watch::Receiver<ClusterView>,
+    routes: Vec<(watch::Sender<Route>, u64)>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let v = view.borrow_and_update().clone();
+        if v.reachable {
+            for (tx, max_lag) in &routes {
+                let current = tx.borrow().target.as_deref().cloned();
+                let next = pick_replica(&v, current.as_ref(), *max_lag);
+                if next != current {
+                    info!(cluster = %name, target = ?next.as_ref().map(|t| t.to_string()), max_lag, "read-only route");
+                    publish(tx, next);
+                }
+            }
+        }
+        tokio::select! {
+            r = view.changed() => if r.is_err() { return },
+            _ = shutdown.cancelled() => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod replica_tests {
+    use super::patroni::{Member, Role};
+    use super::*;
+
+    fn member(name: &str, role: Role, port: u16, lag: Option<u64>) -> Member {
+        Member {
+            name: name.into(),
+            role,
+            state: "running".into(),
+            host: "127.0.0.1".into(),
+            port,
+            api_url: None,
+            timeline: None,
+            lag_bytes: lag,
+        }
+    }
+
+    #[test]
+    fn replicas_under_the_lag_limit_else_the_leader() {
+        let leader = member("a", Role::Leader, 1, None);
+        let mut v = patroni::initial_view();
+        v.reachable = true;
+        v.leader = Some(leader.clone());
+        v.members = vec![leader, member("b", Role::Replica, 2, Some(10)), member("c", Role::SyncStandby, 3, Some(5))];
+        assert_eq!(pick_replica(&v, None, 100).map(|t| t.port), Some(3), "least lag first");
+        let b = Target { host: "127.0.0.1".into(), port: 2 };
+        assert_eq!(pick_replica(&v, Some(&b), 100).map(|t| t.port), Some(2), "stays while it qualifies");
+        assert_eq!(pick_replica(&v, Some(&b), 8).map(|t| t.port), Some(3), "moves when it lags");
+        assert_eq!(pick_replica(&v, None, 0).map(|t| t.port), Some(1), "falls back to the leader");
+        v.members[2].lag_bytes = None;
+        assert_eq!(pick_replica(&v, None, 6).map(|t| t.port), Some(1), "unknown lag does not qualify");
+    }
+}
