@@ -45,7 +45,7 @@ fn main() {
     parse.extend_from_slice(sql.as_bytes());
     parse.extend_from_slice(&[0, 0, 0]);
     time("prepared::from_parse (named Parse)", 1_000_000, || {
-        pgrelay::prepared::from_parse(black_box(&parse), |_| 0).map(|(_, p)| p.hash).unwrap_or(0)
+        pgrelay::prepared::from_parse(black_box(&parse), |_| 0, 0).map(|(_, p)| p.hash).unwrap_or(0)
     });
     time("prepared::classify (ordinary query)", 10_000_000, || {
         pgrelay::prepared::classify(black_box(sql)).is_some() as u64

@@ -101,6 +101,8 @@ pub struct Pool {
     pub max_wait_us: AtomicU64,
     /// Content hash → version of statements whose server copies went stale (see `prepared::from_parse`).
     stmt_versions: Mutex<std::collections::HashMap<u64, u32>>,
+    /// DDL statements seen through this pool (see `prepared::from_parse`).
+    pub ddl_epoch: std::sync::atomic::AtomicU32,
     has_stmt_versions: AtomicBool,
     /// Set after a failed connect: no new attempt before `next_try` while the route stays the same.
     backoff: Mutex<Option<Backoff>>,
@@ -154,6 +156,7 @@ impl Pool {
             server_params: Mutex::new(None),
             max_wait_us: AtomicU64::new(0),
             stmt_versions: Mutex::new(Default::default()),
+            ddl_epoch: std::sync::atomic::AtomicU32::new(0),
             has_stmt_versions: AtomicBool::new(false),
             backoff: Mutex::new(None),
         }

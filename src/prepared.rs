@@ -23,6 +23,8 @@ pub struct Prepared {
     pub content: u64,
     /// The version of `content` this statement was prepared under.
     pub version: u32,
+    /// The pool's DDL epoch when it was prepared.
+    pub epoch: u32,
     /// Server-side name.
     pub name: String,
     /// A complete Parse message that prepares it under `name`.
@@ -46,7 +48,10 @@ pub fn server_name(hash: u64) -> String {
 /// `version` gives the current version of a content hash: it is bumped when the server-side statement went stale
 /// ("cached plan must not change result type" after DDL), so new prepares get a fresh server statement while clients
 /// holding the old one keep getting PostgreSQL's error, as they would without a pooler.
-pub fn from_parse(body: &[u8], version: impl Fn(u64) -> u32) -> Option<(String, Prepared)> {
+///
+/// `epoch` counts the DDL statements seen through this pool: a prepare after DDL gets its own server statement, while
+/// statements prepared before keep theirs (and PostgreSQL says whether they still fit).
+pub fn from_parse(body: &[u8], version: impl Fn(u64) -> u32, epoch: u32) -> Option<(String, Prepared)> {
     let mut r = body;
     let client_name = take_cstr(&mut r)?.to_string();
     let query = take_cstr(&mut r)?;
@@ -54,7 +59,9 @@ pub fn from_parse(body: &[u8], version: impl Fn(u64) -> u32) -> Option<(String, 
     let types = r;
     let content = content_hash(query.as_bytes(), types);
     let v = version(content);
-    let hash = if v == 0 { content } else { content ^ (v as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) };
+    let hash = content
+        ^ (v as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+        ^ (epoch as u64).wrapping_mul(0xc2b2_ae3d_27d4_eb4f).rotate_left(17);
     let name = server_name(hash);
     let mut parse = BytesMut::with_capacity(1 + 4 + name.len() + 1 + query.len() + 1 + types.len());
     parse.put_u8(b'P');
@@ -70,6 +77,7 @@ pub fn from_parse(body: &[u8], version: impl Fn(u64) -> u32) -> Option<(String, 
             hash,
             content,
             version: v,
+            epoch,
             name,
             parse: parse.freeze(),
             qtype: fingerprint::query_type(query),
@@ -91,7 +99,7 @@ pub fn reversion(p: &Prepared, version: u32) -> Option<Prepared> {
     body.extend_from_slice(p.query.as_bytes());
     body.push(0);
     body.extend_from_slice(types);
-    from_parse(&body, |_| version).map(|(_, mut n)| {
+    from_parse(&body, |_| version, p.epoch).map(|(_, mut n)| {
         if let Some(t) = p.described_types.get() {
             let _ = n.described_types.set(t.clone());
         }
@@ -335,21 +343,21 @@ mod tests {
         body.extend_from_slice(b"s1\0select $1\0");
         body.extend_from_slice(&1i16.to_be_bytes());
         body.extend_from_slice(&23u32.to_be_bytes());
-        let (n, p) = from_parse(&body, |_| 0).unwrap();
+        let (n, p) = from_parse(&body, |_| 0, 0).unwrap();
         assert_eq!(n, "s1");
         let mut body2 = b"other\0select $1\0".to_vec();
         body2.extend_from_slice(&body[13..]);
-        let (_, p2) = from_parse(&body2, |_| 0).unwrap();
+        let (_, p2) = from_parse(&body2, |_| 0, 0).unwrap();
         assert_eq!(p.hash, p2.hash, "same content, same server statement");
         let mut body3 = b"s1\0select $1\0".to_vec();
         body3.extend_from_slice(&1i16.to_be_bytes());
         body3.extend_from_slice(&25u32.to_be_bytes());
-        assert_ne!(from_parse(&body3, |_| 0).unwrap().1.hash, p.hash, "parameter types are part of the identity");
+        assert_ne!(from_parse(&body3, |_| 0, 0).unwrap().1.hash, p.hash, "parameter types are part of the identity");
         assert_eq!(&p.parse[5..5 + p.name.len()], p.name.as_bytes());
         let mut out = BytesMut::new();
         assert!(rewrite_bind(&mut out, b"\0s1\0\0\0\0\0\0\0", &p.name));
         assert_eq!(out.len(), 1 + 4 + 1 + p.name.len() + 1 + 6);
-        assert!(from_parse(b"noterminator", |_| 0).is_none());
+        assert!(from_parse(b"noterminator", |_| 0, 0).is_none());
     }
 
     #[test]

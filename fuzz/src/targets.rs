@@ -124,7 +124,7 @@ pub fn fingerprint(data: &[u8]) {
 /// slow-query parameter decoder, over a sequence of messages.
 pub fn prepared(data: &[u8]) {
     let (_, a, b) = split3(data);
-    let _ = prepared::from_parse(a, |_| 0);
+    let _ = prepared::from_parse(a, |_| 0, 0);
     let sql = String::from_utf8_lossy(a);
     let _ = prepared::classify(&sql);
     let _ = prepared::advisory(&sql);

@@ -551,7 +551,9 @@ impl Session {
                     return;
                 }
                 let pool = self.pool.clone();
-                let Some((client_name, p)) = prepared::from_parse(body, |c| pool.statement_version(c)) else {
+                let Some((client_name, p)) =
+                    prepared::from_parse(body, |c| pool.statement_version(c), pool.ddl_epoch.load(Ordering::Relaxed))
+                else {
                     // Malformed: let the server say so.
                     self.out.extend_from_slice(frame);
                     self.expect.push_back(Expect::Parse { swallow: false, hash: None, client: None });
@@ -1151,6 +1153,10 @@ impl Session {
                         let tag = &srv.rbuf[5..len];
                         self.rows += crate::observe::tag_rows(tag);
                         self.last_commit = tag.starts_with(b"COMMIT");
+                        if tag.starts_with(b"ALTER") || tag.starts_with(b"DROP") || tag.starts_with(b"CREATE") {
+                            // Result shapes may have changed: statements prepared from now on get fresh server copies.
+                            self.pool.ddl_epoch.fetch_add(1, Ordering::Relaxed);
+                        }
                     }
                     self.pop_if(|e| matches!(e, Expect::Execute))
                 }
