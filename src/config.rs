@@ -199,6 +199,12 @@ pub struct AuthConfig {
     pub file: Option<PathBuf>,
     pub admin_users: Vec<String>,
     pub stats_users: Vec<String>,
+    /// Users missing from the userlist are looked up with `auth_query`, run as this user (who must be in the userlist).
+    pub auth_user: Option<String>,
+    /// `$1` is the user name; the query returns (name, secret) with the secret as PostgreSQL stores it.
+    pub auth_query: String,
+    /// How long a looked-up secret (or its absence) is cached.
+    pub auth_cache: Dur,
 }
 
 impl Default for AuthConfig {
@@ -208,6 +214,9 @@ impl Default for AuthConfig {
             file: None,
             admin_users: vec!["pgrelay".into()],
             stats_users: Vec::new(),
+            auth_user: None,
+            auth_query: "SELECT usename, passwd FROM pg_shadow WHERE usename = $1".into(),
+            auth_cache: Dur::secs(60),
         }
     }
 }

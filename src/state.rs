@@ -128,6 +128,8 @@ pub struct Shared {
     /// SCRAM verifiers made from plaintext userlist passwords, once per user and password (PBKDF2 is the expensive
     /// part of a login).
     pub plain_verifiers: DashMap<String, (String, crate::auth::Secret)>,
+    /// Secrets looked up with `[auth] auth_query`, with when they were fetched (`None`: no such user).
+    pub auth_cache: DashMap<String, (Instant, Option<crate::auth::Secret>)>,
     /// TLS towards clients; swapped by reload so new handshakes use the new certificate.
     pub tls: arc_swap::ArcSwapOption<crate::tls::Acceptor>,
     reload_lock: Mutex<()>,
@@ -165,8 +167,54 @@ impl Shared {
             resumed: Notify::new(),
             reload_failures: AtomicU64::new(0),
             plain_verifiers: DashMap::new(),
+            auth_cache: DashMap::new(),
             reload_lock: Mutex::new(()),
         })
+    }
+
+    /// A user's secret: the userlist's, else (with `[auth] auth_user`) what `auth_query` returns from `database`'s
+    /// server, cached for `auth_cache`.
+    pub async fn secret_for(&self, user: &str, database: &str) -> Option<crate::auth::Secret> {
+        if let Some(s) = self.userlist.load().get(user) {
+            return Some(s.clone());
+        }
+        let cfg = self.config.load_full();
+        let auth_user = cfg.auth.auth_user.clone()?;
+        if let Some(e) = self.auth_cache.get(user) {
+            if e.0.elapsed() < cfg.auth.auth_cache.0 {
+                return e.1.clone();
+            }
+        }
+        let dbc = cfg.databases.get(database)?;
+        let target = self.route(database)?.borrow().target.clone()?;
+        let login = Login {
+            user: auth_user.clone(),
+            database: dbc.dbname.clone().unwrap_or_else(|| database.to_string()),
+            secret: self.userlist.load().get(&auth_user).cloned(),
+            scram_keys: None,
+        };
+        let sql = cfg.auth.auth_query.replace("$1", &crate::protocol::quote_literal(user));
+        let looked_up = async {
+            let mut conn = crate::server::ServerConn::connect(target, &login, &cfg.proxy, 0).await?;
+            let rows = conn.query_column(&sql).await;
+            conn.terminate().await;
+            rows
+        };
+        match looked_up.await {
+            Ok(rows) => {
+                let secret = rows
+                    .into_iter()
+                    .next()
+                    .and_then(|r| r.into_iter().nth(1).flatten())
+                    .map(|p| crate::auth::Secret::parse(&p));
+                self.auth_cache.insert(user.to_string(), (Instant::now(), secret.clone()));
+                secret
+            }
+            Err(e) => {
+                tracing::warn!(user = %user, auth_user = %auth_user, error = %e, "auth_query failed");
+                None
+            }
+        }
     }
 
     /// The secret a SCRAM exchange with a client uses: a plaintext password becomes a verifier, computed once.
@@ -315,7 +363,12 @@ impl Shared {
         let user = db.user.clone().unwrap_or_else(|| key.user.clone());
         let secret = match &db.password {
             Some(pw) => Some(crate::auth::Secret::parse(pw)),
-            None => self.userlist.load().get(&user).cloned(),
+            None => self
+                .userlist
+                .load()
+                .get(&user)
+                .cloned()
+                .or_else(|| self.auth_cache.get(&user).and_then(|e| e.1.clone())),
         };
         Login { user, database: db.dbname.clone().unwrap_or_else(|| key.database.clone()), secret, scram_keys: None }
     }

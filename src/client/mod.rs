@@ -409,7 +409,7 @@ async fn authenticate(shared: &Arc<Shared>, conn: &mut ClientConn, user: &str, d
     if kind == AuthType::Trust {
         return Ok(true);
     }
-    let secret = shared.userlist.load().get(user).cloned();
+    let secret = shared.secret_for(user, database).await;
     // An md5 hash can only do md5, a SCRAM verifier only SCRAM; a plaintext password (or an unknown user)
     // follows `type`.
     let use_scram = match (&secret, kind) {
