@@ -14,7 +14,7 @@ async fn users_missing_from_the_userlist_are_looked_up_with_auth_query() {
     let relay = Relay::start(&pg, "", "");
     let url = |user: &str, pw: &str| relay.url(user, pw);
     // Without auth_user the userlist is all there is.
-    let e = try_connect(&url("app", "app-pw")).await.err().expect("app is not in the userlist yet");
+    let Err(e) = try_connect(&url("app", "app-pw")).await else { panic!("app is not in the userlist yet") };
     assert_eq!(sqlstate(&e).as_deref(), Some("28P01"), "{e}");
     let cfg = std::fs::read_to_string(relay.config_path()).unwrap().replace(
         "stats_users = [\"stats\"]",
@@ -32,9 +32,9 @@ async fn users_missing_from_the_userlist_are_looked_up_with_auth_query() {
     c2.batch_execute("create table mine(x int); insert into mine values (1)").await.unwrap();
     assert_eq!(c.query_one("select count(*) from mine", &[]).await.unwrap().get::<_, i64>(0), 1);
 
-    let e = try_connect(&url("app", "wrong")).await.err().expect("wrong password");
+    let Err(e) = try_connect(&url("app", "wrong")).await else { panic!("wrong password") };
     assert_eq!(sqlstate(&e).as_deref(), Some("28P01"), "{e}");
-    let e = try_connect(&url("nobody", "x")).await.err().expect("unknown user");
+    let Err(e) = try_connect(&url("nobody", "x")).await else { panic!("unknown user") };
     assert_eq!(sqlstate(&e).as_deref(), Some("28P01"), "{e}");
     // The verifier never reaches the log.
     assert!(!relay.log().contains("SCRAM-SHA-256$"), "{}", relay.log());
