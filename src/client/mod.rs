@@ -90,7 +90,7 @@ pub async fn serve(shared: Arc<Shared>, socket: TcpStream, addr: SocketAddr) {
     crate::server::configure_tcp(&socket, &shared.config.load().proxy);
     let conn = ClientConn {
         stream: ClientStream::Tcp(socket),
-        rbuf: BytesMut::with_capacity(512),
+        rbuf: BytesMut::with_capacity(256),
         wbuf: BytesMut::with_capacity(512),
         addr,
     };
@@ -191,6 +191,8 @@ pub async fn serve(shared: Arc<Shared>, socket: TcpStream, addr: SocketAddr) {
         };
         authentication_ok(&mut conn, &server_params, &startup.params, cancel_key);
         conn.flush().await?;
+        // The login's write buffer goes: a client that never queries (most of a big fleet) keeps none.
+        conn.wbuf = BytesMut::new();
         info.set_state(ClientState::Idle, shared.micros(Instant::now()));
         relay::Session::new(shared.clone(), info.clone(), pool.clone(), startup.params).run(&mut conn).await
     }

@@ -400,6 +400,15 @@ impl Session {
                     return Err(Error::ClientProtocol(protocol::ProtocolError::Malformed("message type")));
                 }
             }
+            if self.skip_until_sync && server.is_none() {
+                // Finishing a batch that was refused a server: everything up to its Sync is dropped.
+                if t == b'S' {
+                    self.skip_until_sync = false;
+                    protocol::ready_for_query(&mut conn.wbuf, b'I');
+                }
+                consumed += len;
+                continue;
+            }
             // Messages that can be answered here need no server.
             if server.is_none() && self.expect.is_empty() && self.out.is_empty() {
                 let local = match t {
@@ -975,14 +984,18 @@ impl Session {
             }
             r = &r[len..];
         }
-        conn.rbuf.clear();
+        // Complete frames go; a frame still arriving stays, so the stream stays in step.
+        let complete = rest.len() - r.len();
+        conn.rbuf.advance(complete.min(conn.rbuf.len()));
         self.out.clear();
         self.expect.clear();
         self.open_extended = false;
         protocol::error_response(&mut conn.wbuf, "ERROR", sqlstate::CANNOT_CONNECT, &msg);
         if syncs == 0 {
-            conn.flush().await?;
-            return Err(Error::Pool(msg));
+            // The rest of the batch has not arrived yet: drop it as it comes, and answer its Sync (as the server
+            // would after an error).
+            self.skip_until_sync = true;
+            return conn.flush().await;
         }
         for _ in 0..syncs {
             protocol::ready_for_query(&mut conn.wbuf, b'I');
