@@ -109,8 +109,6 @@ pub struct ServerConn {
     pub generation: u64,
     /// Last ReadyForQuery status: b'I', b'T' or b'E'.
     pub tx_status: u8,
-    /// Session-level state a reset must clear before the next client (session mode, SET in transaction mode).
-    pub needs_reset: bool,
     pub local_port: u16,
     /// Settings pgrelay SET on this server for its current client, by name (see `client::relay`).
     pub applied: Vec<(String, String)>,
@@ -164,7 +162,6 @@ impl ServerConn {
             last_used: Instant::now(),
             generation,
             tx_status: b'I',
-            needs_reset: false,
             local_port,
             applied: Vec::new(),
             statements: Default::default(),
