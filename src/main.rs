@@ -128,7 +128,14 @@ fn run(path: &std::path::Path) -> ExitCode {
     } else {
         cfg.proxy.workers
     };
-    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(workers).enable_all().build() {
+    // One worker: a current-thread runtime (no work-stealing machinery, no cross-thread wake-ups: the accept
+    // loop, every session and the I/O driver share one thread). More workers: the multi-thread scheduler.
+    let built = if workers == 1 {
+        tokio::runtime::Builder::new_current_thread().enable_all().build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread().worker_threads(workers).enable_all().build()
+    };
+    let rt = match built {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start runtime: {e}");

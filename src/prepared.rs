@@ -225,6 +225,10 @@ pub fn classify(sql: &str) -> Option<SessionCommand> {
     if !matches!(first, b's' | b'r' | b'd' | b'p' | b'l' | b'c') {
         return advisory(s);
     }
+    // SELECT (the common case) is never a session command by its first keyword.
+    if first == b's' && s.len() > 6 && s.as_bytes()[..6].eq_ignore_ascii_case(b"select") {
+        return advisory(s);
+    }
     let body = s.trim_end().trim_end_matches(';').trim_end();
     if body.contains(';') {
         // Several statements: leave them to the server.
@@ -292,19 +296,22 @@ pub fn classify(sql: &str) -> Option<SessionCommand> {
 
 /// Session advisory locks (not the `_xact_` kind) anywhere in the text.
 pub fn advisory(sql: &str) -> Option<SessionCommand> {
+    // pg_advisory_lock / pg_try_advisory_lock / their _shared variants, but not pg_advisory_xact_lock: every match
+    // follows an underscore, so only the (few) underscores are looked at.
     let b = sql.as_bytes();
-    // Fast reject: no 'advisory' substring, compared case-insensitively.
     let needle = b"advisory_lock";
-    if b.len() < needle.len() {
-        return None;
-    }
-    for i in 0..=b.len() - needle.len() {
-        if b[i..i + needle.len()].eq_ignore_ascii_case(needle) {
-            // pg_advisory_lock / pg_try_advisory_lock / _shared variants, but not pg_advisory_xact_lock.
+    for i in memchr::memchr_iter(b'_', b) {
+        if b.len() - i > needle.len() && b[i + 1..i + 1 + needle.len()].eq_ignore_ascii_case(needle) {
             return Some(SessionCommand::Pin("session advisory lock"));
         }
     }
     None
+}
+
+/// Whether a simple Query could be one of the commands pgrelay answers itself in transaction mode (DEALLOCATE,
+/// DISCARD, PREPARE): a one-byte look at the first keyword, so that every other query skips `classify` there.
+pub fn maybe_local(sql: &str) -> bool {
+    matches!(sql.trim_start().as_bytes().first(), Some(b'd' | b'D' | b'p' | b'P'))
 }
 
 fn split_set(rest: &str) -> Option<(String, String)> {
@@ -391,6 +398,14 @@ mod tests {
         assert_eq!(classify("LISTEN chan"), Some(SessionCommand::Pin("LISTEN")));
         assert_eq!(classify("select pg_advisory_lock(1)"), Some(SessionCommand::Pin("session advisory lock")));
         assert_eq!(classify("select pg_advisory_xact_lock(1)"), None);
+        assert_eq!(classify("SELECT PG_TRY_ADVISORY_LOCK(1)"), Some(SessionCommand::Pin("session advisory lock")));
+        assert_eq!(classify("  select pg_advisory_lock_shared(7)"), Some(SessionCommand::Pin("session advisory lock")));
+        assert_eq!(classify("update t set a_b = 1 where c_d = 'x_advisory_loc'"), None);
+        assert_eq!(advisory("pg_advisory_lock"), Some(SessionCommand::Pin("session advisory lock")));
+        assert_eq!(advisory("x_advisory_loc"), None);
+        assert_eq!(advisory("_"), None);
+        assert!(maybe_local(" DEALLOCATE a") && maybe_local("discard all") && maybe_local("prepare p as select 1"));
+        assert!(!maybe_local("select 1") && !maybe_local("") && !maybe_local("  set x = 1"));
         assert_eq!(classify("create temp table x(a int)"), Some(SessionCommand::Pin("temporary table")));
         assert_eq!(classify("select 1"), None);
         assert_eq!(classify("set a = 1; select 1"), None);

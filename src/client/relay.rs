@@ -137,6 +137,25 @@ struct TextInfo {
     session: bool,
 }
 
+/// A fast 64-bit hash of a query text, eight bytes at a time (for the text cache; collisions only cost a
+/// second look because the slot keeps the full hash, and a wrong hit needs a 64-bit collision).
+fn text_hash(b: &[u8]) -> u64 {
+    const K: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut h: u64 = (b.len() as u64).wrapping_mul(K);
+    let mut chunks = b.chunks_exact(8);
+    for c in &mut chunks {
+        let w = u64::from_le_bytes(c.try_into().expect("8 bytes"));
+        h = (h ^ w).wrapping_mul(K).rotate_left(29);
+    }
+    let mut tail = [0u8; 8];
+    tail[..chunks.remainder().len()].copy_from_slice(chunks.remainder());
+    h = (h ^ u64::from_le_bytes(tail)).wrapping_mul(K);
+    h ^ (h >> 32)
+}
+
+/// Slots of the per-session query-text cache (a power of two).
+const TEXT_CACHE: usize = 64;
+
 /// Slots of recent query texts and Bind messages, reused so capture costs a copy, not an allocation.
 const RING: usize = 8;
 
@@ -190,7 +209,7 @@ pub struct Session {
     binds: Vec<(u32, Vec<u8>)>,
     seq: u32,
     /// Raw-text hash → what the proxy reads from a query text, so a repeated query is scanned once.
-    fp_cache: HashMap<u64, TextInfo>,
+    fp_cache: Vec<(u64, TextInfo)>,
     rows: u64,
     last_error: Option<String>,
     /// The clock reading of the last server batch (reused when it ends the transaction).
@@ -242,7 +261,7 @@ impl Session {
             texts: Vec::new(),
             binds: Vec::new(),
             seq: 0,
-            fp_cache: HashMap::new(),
+            fp_cache: Vec::new(),
             rows: 0,
             last_error: None,
             group_exec: false,
@@ -816,6 +835,9 @@ impl Session {
     /// Answers DEALLOCATE/DISCARD ALL/PREPARE without a server when nothing is in flight. Returns whether it did.
     fn answer_locally(&mut self, wbuf: &mut BytesMut, body: &[u8], status: u8) -> bool {
         let sql = protocol::query_text(body);
+        if !prepared::maybe_local(sql) {
+            return false;
+        }
         let (tag, err) = match prepared::classify(sql) {
             Some(SessionCommand::Deallocate(name)) => {
                 if self.statements.remove(&name).is_none() {
@@ -1272,23 +1294,22 @@ impl Session {
 
     /// Fingerprint of a query text, normalising each distinct text once per session.
     fn text_info(&mut self, sql: &str) -> TextInfo {
-        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-        for &b in sql.as_bytes() {
-            h ^= b as u64;
-            h = h.wrapping_mul(0x0100_0000_01b3);
+        let h = text_hash(sql.as_bytes());
+        // Direct-mapped: one slot per hash bucket, the newest text wins. No hashing of the hash, no allocation
+        // after the first miss, and texts seen once (literals inlined) cost a slot overwrite, not a map insert.
+        if self.fp_cache.is_empty() {
+            self.fp_cache = vec![(0, TextInfo { fp: 0, qtype: QueryType::Other, session: false }); TEXT_CACHE];
         }
-        if let Some(info) = self.fp_cache.get(&h) {
-            return *info;
-        }
-        if self.fp_cache.len() >= 1024 {
-            self.fp_cache.clear();
+        let slot = &mut self.fp_cache[(h as usize) & (TEXT_CACHE - 1)];
+        if slot.0 == h && slot.1.fp != 0 {
+            return slot.1;
         }
         let info = TextInfo {
             fp: crate::observe::fingerprint::fingerprint(sql).max(1),
             qtype: query_type(sql),
             session: prepared::classify(sql).is_some(),
         };
-        self.fp_cache.insert(h, info);
+        *slot = (h, info);
         info
     }
 
