@@ -428,8 +428,8 @@ fn client_timeouts(shared: &Arc<Shared>) {
                 // Mark it so the cancel goes out once; the server answers the client with 57014.
                 if c.query_start_us.compare_exchange(q, u64::MAX, Ordering::AcqRel, Ordering::Relaxed).is_ok() {
                     info!(client = %c.addr, db = %c.database, "query_timeout: cancelling query");
-                    let c = c.clone();
-                    tokio::spawn(async move { crate::client::cancel_client(&c).await });
+                    let (c, tls) = (c.clone(), p.server_tls.0.clone());
+                    tokio::spawn(async move { crate::client::cancel_client(&c, tls.as_deref()).await });
                 }
             }
         }

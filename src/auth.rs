@@ -994,13 +994,51 @@ impl ClientState {
     }
 }
 
-/// Client side of SCRAM-SHA-256 (pgrelay logging in to PostgreSQL).
+/// The channel binding pgrelay uses as a SCRAM client: the GS2 flag it sends and the data bound.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub enum ClientBinding {
+    /// "n": no channel binding (not over TLS, or turned off).
+    #[default]
+    None,
+    /// "y": pgrelay could bind but the server did not offer SCRAM-SHA-256-PLUS. A server that did
+    /// offer it refuses this as a downgrade (RFC 5802 §6).
+    NotOffered,
+    /// "p=tls-server-end-point" with SCRAM-SHA-256-PLUS: bound to this hash of the server's certificate.
+    EndPoint(Vec<u8>),
+}
+
+impl ClientBinding {
+    fn gs2_header(&self) -> &'static str {
+        match self {
+            ClientBinding::None => "n,,",
+            ClientBinding::NotOffered => "y,,",
+            ClientBinding::EndPoint(_) => "p=tls-server-end-point,,",
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            ClientBinding::None => "None",
+            ClientBinding::NotOffered => "NotOffered",
+            ClientBinding::EndPoint(_) => "EndPoint",
+        }
+    }
+}
+
+impl fmt::Debug for ClientBinding {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Client side of SCRAM-SHA-256 and SCRAM-SHA-256-PLUS (pgrelay logging in to PostgreSQL).
 ///
 /// With `Keys` credentials `server_first` uses the stored keys directly (ClientKey for the proof,
 /// ServerKey for verifying), skipping PBKDF2; with `Password` it runs PBKDF2 with the server's
 /// salt and iterations.
 pub struct ScramClient {
     cred: ScramCredential,
+    binding: ClientBinding,
     nonce: String,
     /// Escaped saslname; empty by default because PostgreSQL takes the user from the startup
     /// packet and ignores this one.
@@ -1013,6 +1051,7 @@ impl ScramClient {
     pub fn new(cred: ScramCredential) -> ScramClient {
         ScramClient {
             cred,
+            binding: ClientBinding::None,
             nonce: B64.encode(random_bytes(CLIENT_NONCE_RAW_LEN)),
             user: String::new(),
             state: ClientState::Initial,
@@ -1025,7 +1064,13 @@ impl ScramClient {
         if !is_printable_nonce(nonce) {
             return Err(AuthError::Malformed("nonce has non-printable characters"));
         }
-        Ok(ScramClient { cred, nonce: nonce.to_string(), user: String::new(), state: ClientState::Initial })
+        Ok(ScramClient {
+            cred,
+            binding: ClientBinding::None,
+            nonce: nonce.to_string(),
+            user: String::new(),
+            state: ClientState::Initial,
+        })
     }
 
     /// Sets the user name sent in `n=`. PostgreSQL ignores it; this exists for servers and test
@@ -1035,13 +1080,32 @@ impl ScramClient {
         self
     }
 
+    /// Sets the channel binding; call before `client_first`.
+    pub fn with_binding(mut self, binding: ClientBinding) -> ScramClient {
+        self.binding = binding;
+        self
+    }
+
+    /// The SASL mechanism to name in SASLInitialResponse: SCRAM-SHA-256-PLUS when bound.
+    pub fn mechanism(&self) -> &'static str {
+        match self.binding {
+            ClientBinding::EndPoint(_) => SCRAM_SHA_256_PLUS,
+            ClientBinding::None | ClientBinding::NotOffered => SCRAM_SHA_256,
+        }
+    }
+
+    /// True when the exchange is bound to the TLS session (SCRAM-SHA-256-PLUS).
+    pub fn is_bound(&self) -> bool {
+        matches!(self.binding, ClientBinding::EndPoint(_))
+    }
+
     fn client_first_bare(&self) -> String {
         format!("n={},r={}", self.user, self.nonce)
     }
 
-    /// "n,,n=,r=<nonce>".
+    /// "<gs2-header>n=,r=<nonce>", e.g. "n,,n=,r=..." or "p=tls-server-end-point,,n=,r=...".
     pub fn client_first(&self) -> Vec<u8> {
-        format!("n,,{}", self.client_first_bare()).into_bytes()
+        format!("{}{}", self.binding.gs2_header(), self.client_first_bare()).into_bytes()
     }
 
     /// server-first-message -> client-final-message. Checks the server nonce extends ours and the
@@ -1065,7 +1129,12 @@ impl ScramClient {
             }
             ScramCredential::Keys { client_key, server_key } => (*client_key, *server_key),
         };
-        let without_proof = format!("c={},r={}", B64.encode(b"n,,"), sf.nonce);
+        // c= is the GS2 header echoed, followed by the channel binding data when bound (RFC 5802 §7).
+        let mut cbind_input = self.binding.gs2_header().as_bytes().to_vec();
+        if let ClientBinding::EndPoint(data) = &self.binding {
+            cbind_input.extend_from_slice(data);
+        }
+        let without_proof = format!("c={},r={}", B64.encode(&cbind_input), sf.nonce);
         // `msg` is the server-first-message verbatim: message_str already proved it is UTF-8.
         let server_first = std::str::from_utf8(msg).map_err(|_| AuthError::Malformed("not UTF-8"))?;
         let bare = self.client_first_bare();
@@ -1105,7 +1174,11 @@ impl ScramClient {
 
 impl fmt::Debug for ScramClient {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ScramClient").field("cred", &self.cred).field("state", &self.state.name()).finish()
+        f.debug_struct("ScramClient")
+            .field("cred", &self.cred)
+            .field("binding", &self.binding)
+            .field("state", &self.state.name())
+            .finish()
     }
 }
 
@@ -1363,6 +1436,48 @@ mod tests {
         // Out of order.
         let mut s = ScramServer::with_nonce(&secret, RFC_SERVER_NONCE).unwrap();
         assert!(matches!(s.client_final(RFC_CLIENT_FINAL.as_bytes()), Err(AuthError::State(_))));
+    }
+
+    /// SCRAM-SHA-256-PLUS from the client side: the server accepts the binding only when both hold the same
+    /// tls-server-end-point data, and "y" is refused by a server that offered PLUS.
+    #[test]
+    fn client_channel_binding() {
+        let secret = Secret::Scram(rfc_verifier());
+        let end_point = vec![0xabu8; 32];
+        let plus_server = || ScramServer::new(&secret).unwrap().with_channel_binding(&end_point);
+        let client =
+            |b: ClientBinding| ScramClient::new(ScramCredential::Password(RFC_PASSWORD.into())).with_binding(b);
+        let exchange = |server: &mut ScramServer, c: &mut ScramClient| -> Result<(), AuthError> {
+            let sf = server.client_first_with(c.mechanism(), &c.client_first())?;
+            let cf = c.server_first(&sf)?;
+            let sfin = server.client_final(&cf)?;
+            c.server_final(&sfin)
+        };
+
+        let mut c = client(ClientBinding::EndPoint(end_point.clone()));
+        assert_eq!(c.mechanism(), SCRAM_SHA_256_PLUS);
+        assert!(c.client_first().starts_with(b"p=tls-server-end-point,,n=,r="));
+        exchange(&mut plus_server(), &mut c).unwrap();
+        assert!(c.is_authenticated() && c.is_bound());
+
+        // A different certificate (a man in the middle terminating TLS) fails the binding check.
+        let mut c = client(ClientBinding::EndPoint(vec![0xcd; 32]));
+        assert!(matches!(exchange(&mut plus_server(), &mut c), Err(AuthError::ChannelBindingMismatch)));
+
+        // "y" is a downgrade signal to a server that offered PLUS, and fine for one that did not.
+        let mut c = client(ClientBinding::NotOffered);
+        assert_eq!(c.mechanism(), SCRAM_SHA_256);
+        assert!(matches!(exchange(&mut plus_server(), &mut c), Err(AuthError::Unsupported(_))));
+        let mut c = client(ClientBinding::NotOffered);
+        exchange(&mut ScramServer::new(&secret).unwrap(), &mut c).unwrap();
+        assert!(c.is_authenticated() && !c.is_bound());
+
+        // Passthrough keys bind the same way.
+        let keys = derive_keys(RFC_PASSWORD, &B64.decode(RFC_SALT).unwrap(), 4096);
+        let mut c =
+            ScramClient::new(ScramCredential::Keys { client_key: keys.client_key, server_key: keys.server_key })
+                .with_binding(ClientBinding::EndPoint(end_point.clone()));
+        exchange(&mut plus_server(), &mut c).unwrap();
     }
 
     #[test]

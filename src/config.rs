@@ -247,6 +247,22 @@ pub struct ServerTlsConfig {
     pub mode: ServerTlsMode,
     /// PEM file of the CA(s) that sign the servers' certificates; needed by verify-ca and verify-full.
     pub ca_file: Option<PathBuf>,
+    /// SCRAM-SHA-256-PLUS on pgrelay's own login to PostgreSQL.
+    pub channel_binding: ChannelBinding,
+}
+
+/// Channel binding towards PostgreSQL, libpq's `channel_binding` names.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ChannelBinding {
+    /// Plain SCRAM-SHA-256 even over TLS.
+    Disable,
+    /// SCRAM-SHA-256-PLUS (tls-server-end-point) when the connection is TLS and the server offers it.
+    #[default]
+    Prefer,
+    /// Only SCRAM-SHA-256-PLUS: any other way of logging in (plaintext, trust, password, md5, plain SCRAM)
+    /// fails the connection.
+    Require,
 }
 
 /// Server-side TLS policy, libpq's `sslmode` names.
@@ -483,6 +499,10 @@ impl Config {
         {
             return Err(bad("server_tls.ca_file", "verify-ca and verify-full need a CA file"));
         }
+        if self.server_tls.channel_binding == ChannelBinding::Require && self.server_tls.mode == ServerTlsMode::Disable
+        {
+            return Err(bad("server_tls.channel_binding", "\"require\" needs TLS: set server_tls.mode"));
+        }
         if self.auth.kind != AuthType::Trust && self.auth.file.is_none() {
             return Err(bad("auth.file", "md5 and scram-sha-256 need a userlist file"));
         }
@@ -703,6 +723,24 @@ mod tests {
         c.auth.kind = AuthType::Trust;
         let e = c.validate(Path::new("t.toml")).unwrap_err();
         assert!(e.to_string().contains("databases.app.host"), "{e}");
+    }
+
+    #[test]
+    fn server_channel_binding_key() {
+        let parse = |t: &str| {
+            let mut c = Config::parse(&format!("{t}\n[databases.app]\nhost = \"h\"\n"), Path::new("t.toml"))?;
+            c.auth.kind = AuthType::Trust;
+            c.validate(Path::new("t.toml")).map(|()| c)
+        };
+        assert_eq!(parse("").unwrap().server_tls.channel_binding, ChannelBinding::Prefer);
+        let c = parse("[server_tls]\nmode = \"require\"\nchannel_binding = \"require\"").unwrap();
+        assert_eq!(c.server_tls.channel_binding, ChannelBinding::Require);
+        let c = parse("[server_tls]\nchannel_binding = \"disable\"").unwrap();
+        assert_eq!(c.server_tls.channel_binding, ChannelBinding::Disable);
+        let e = parse("[server_tls]\nchannel_binding = \"require\"").unwrap_err();
+        assert!(e.to_string().contains("server_tls.channel_binding") && e.to_string().contains("needs TLS"), "{e}");
+        let e = parse("[server_tls]\nmode = \"prefer\"\nchannel_binding = \"always\"").unwrap_err();
+        assert!(e.to_string().contains("channel_binding"), "{e}");
     }
 
     #[test]

@@ -11,8 +11,8 @@ use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
 
-use crate::auth::{self, ScramClient, ScramCredential, Secret};
-use crate::config::ProxyConfig;
+use crate::auth::{self, ClientBinding, ScramClient, ScramCredential, Secret};
+use crate::config::{ChannelBinding, ProxyConfig};
 use crate::error::{Error, Result};
 use crate::protocol::{self, take_cstr, take_i32};
 
@@ -166,15 +166,30 @@ impl ServerConn {
             applied: Vec::new(),
             statements: Default::default(),
         };
-        conn.login(login).await?;
+        let binding = proxy.server_tls.0.as_ref().map_or(ChannelBinding::Disable, |c| c.channel_binding);
+        conn.login(login, binding).await?;
         Ok(conn)
     }
 
-    async fn login(&mut self, login: &Login) -> Result<()> {
+    fn is_tls(&self) -> bool {
+        matches!(self.stream, ServerStream::Tls(_))
+    }
+
+    /// tls-server-end-point data of the server's certificate; `None` on plaintext and Unix sockets.
+    fn end_point(&self) -> Option<Vec<u8>> {
+        match &self.stream {
+            ServerStream::Tls(s) => crate::tls::Connector::end_point(&s.inner),
+            ServerStream::Tcp(_) | ServerStream::Unix(_) => None,
+        }
+    }
+
+    async fn login(&mut self, login: &Login, policy: ChannelBinding) -> Result<()> {
         let mut out = BytesMut::new();
         protocol::startup_message(&mut out, &[("user", &login.user), ("database", &login.database)]);
         self.stream.write_all(&out).await.map_err(Error::Server)?;
         let mut scram: Option<ScramClient> = None;
+        // Set once a SCRAM-SHA-256-PLUS exchange is verified; `require` accepts no other way in.
+        let mut bound = false;
         loop {
             let (t, body) = self.read_message().await?;
             let mut r = &body[..];
@@ -182,8 +197,22 @@ impl ServerConn {
                 b'R' => {
                     let code = take_i32(&mut r).ok_or_else(|| Error::ServerProtocol("short auth message".into()))?;
                     out.clear();
+                    // Checked before any password is sent: the point of `require` is not to log in to
+                    // (or hand a password or md5 hash to) a server that has not proved its certificate's key.
+                    if policy == ChannelBinding::Require && !bound && matches!(code, 0 | 3 | 5) {
+                        return Err(Error::Auth(format!(
+                            "server_tls.channel_binding is require but the server {} without channel binding",
+                            if code == 0 { "let pgrelay in" } else { "asked for a password" }
+                        )));
+                    }
                     match code {
-                        0 => {}
+                        0 => {
+                            if scram.as_ref().is_some_and(|c| !c.is_authenticated()) {
+                                return Err(Error::Auth(
+                                    "server ended SCRAM before proving it knows the password".into(),
+                                ));
+                            }
+                        }
                         3 => {
                             let Some(Secret::Plain(p)) = &login.secret else {
                                 return Err(Error::Auth(format!(
@@ -218,11 +247,8 @@ impl ServerConn {
                                 }
                                 mechs.push(m.to_string());
                             }
-                            if !mechs.iter().any(|m| m == "SCRAM-SHA-256") {
-                                return Err(Error::Auth(format!(
-                                    "server offers no supported SASL mechanism: {mechs:?}"
-                                )));
-                            }
+                            let binding =
+                                choose_binding(policy, self.is_tls(), self.end_point(), &mechs).map_err(Error::Auth)?;
                             let cred = match (&login.secret, login.scram_keys) {
                                 (Some(Secret::Plain(p)), _) => ScramCredential::Password(p.clone()),
                                 (_, Some((client_key, server_key))) => ScramCredential::Keys { client_key, server_key },
@@ -233,8 +259,8 @@ impl ServerConn {
                                     )))
                                 }
                             };
-                            let c = ScramClient::new(cred);
-                            protocol::sasl_initial_response(&mut out, "SCRAM-SHA-256", &c.client_first());
+                            let c = ScramClient::new(cred).with_binding(binding);
+                            protocol::sasl_initial_response(&mut out, c.mechanism(), &c.client_first());
                             scram = Some(c);
                         }
                         11 => {
@@ -248,6 +274,10 @@ impl ServerConn {
                             let c =
                                 scram.as_mut().ok_or_else(|| Error::ServerProtocol("SASLFinal before SASL".into()))?;
                             c.server_final(r).map_err(|e| Error::Auth(format!("scram with server: {e}")))?;
+                            bound = c.is_bound();
+                            if bound {
+                                tracing::debug!(server = %self.target, "logged in with SCRAM-SHA-256-PLUS");
+                            }
                         }
                         other => return Err(Error::Auth(format!("server wants unsupported auth method {other}"))),
                     }
@@ -402,6 +432,39 @@ impl ServerConn {
     }
 }
 
+/// Picks the channel binding of pgrelay's SCRAM login, as libpq does for `channel_binding`: bind when the
+/// connection is TLS and the server offers SCRAM-SHA-256-PLUS; say "y" (could bind, was not offered) over
+/// TLS otherwise, so a server that did offer it sees the downgrade. `Require` accepts only binding.
+fn choose_binding(
+    policy: ChannelBinding,
+    tls: bool,
+    end_point: Option<Vec<u8>>,
+    mechs: &[String],
+) -> std::result::Result<ClientBinding, String> {
+    let offered = |m: &str| mechs.iter().any(|x| x == m);
+    let plus = offered(auth::SCRAM_SHA_256_PLUS);
+    if policy != ChannelBinding::Disable && tls && plus {
+        if let Some(ep) = end_point {
+            return Ok(ClientBinding::EndPoint(ep));
+        }
+    }
+    if policy == ChannelBinding::Require {
+        let why = if !tls {
+            "the connection to the server is not TLS"
+        } else if !plus {
+            "the server does not offer SCRAM-SHA-256-PLUS"
+        } else {
+            "the server certificate's signature algorithm has no tls-server-end-point hash"
+        };
+        return Err(format!("server_tls.channel_binding is require but {why}"));
+    }
+    if !offered(auth::SCRAM_SHA_256) {
+        return Err(format!("server offers no supported SASL mechanism: {mechs:?}"));
+    }
+    // With PLUS on offer but no binding data for this certificate, "n" is the truth: we cannot bind here.
+    Ok(if policy != ChannelBinding::Disable && tls && !plus { ClientBinding::NotOffered } else { ClientBinding::None })
+}
+
 /// Sends SSLRequest, reads exactly one byte, then handshakes. Reading more than one byte could swallow
 /// bytes a man in the middle placed after the 'S', which would then be read as if they came through TLS
 /// (CVE-2021-23222); the plain `TcpStream` has no buffer of its own, so nothing is left behind.
@@ -437,26 +500,66 @@ pub fn configure_tcp(s: &TcpStream, proxy: &ProxyConfig) {
     }
 }
 
-/// Sends a CancelRequest for backend (pid, key) to a server.
-pub async fn send_cancel(target: &Target, pid: i32, key: i32) -> io::Result<()> {
+/// Sends a CancelRequest for backend (pid, key) to a server, over TLS when `tls` (the `[server_tls]`
+/// connector) says the server connections are: the key is a credential for killing queries, and a
+/// `hostssl`-only server's traffic should carry none of it in the clear. PostgreSQL reads a CancelRequest
+/// inside a TLS session just as it reads a StartupMessage there. `prefer` falls back to plaintext on 'N'.
+pub async fn send_cancel(target: &Target, tls: Option<&crate::tls::Connector>, pid: i32, key: i32) -> Result<()> {
     let mut out = BytesMut::new();
     protocol::cancel_request(&mut out, pid, key);
     let fut = async {
+        // PostgreSQL closes the socket after reading the request; waiting for that keeps the order
+        // "cancel delivered, then anything else" for callers that care.
+        let mut b = [0u8; 1];
         if target.is_unix() {
             let path = format!("{}/.s.PGSQL.{}", target.host.trim_end_matches('/'), target.port);
-            let mut s = UnixStream::connect(path).await?;
-            s.write_all(&out).await?;
-            let mut b = [0u8; 1];
+            let mut s = UnixStream::connect(path).await.map_err(Error::Server)?;
+            s.write_all(&out).await.map_err(Error::Server)?;
             let _ = s.read(&mut b).await;
         } else {
-            let mut s = TcpStream::connect((target.host.as_str(), target.port)).await?;
-            s.write_all(&out).await?;
-            // PostgreSQL closes the socket after reading the request; waiting for that keeps the order
-            // "cancel delivered, then anything else" for callers that care.
-            let mut b = [0u8; 1];
+            let tcp = TcpStream::connect((target.host.as_str(), target.port)).await.map_err(Error::Server)?;
+            let _ = tcp.set_nodelay(true);
+            let mut s = match tls {
+                Some(tls) => negotiate_tls(tcp, tls, &target.host).await?,
+                None => ServerStream::Tcp(tcp),
+            };
+            s.write_all(&out).await.map_err(Error::Server)?;
             let _ = s.read(&mut b).await;
         }
-        Ok::<_, io::Error>(())
+        Ok(())
     };
-    tokio::time::timeout(Duration::from_secs(5), fut).await.unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into()))
+    tokio::time::timeout(Duration::from_secs(5), fut).await.unwrap_or(Err(Error::Timeout("cancel request")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn channel_binding_choice() {
+        use ChannelBinding::{Disable, Prefer, Require};
+        let both = [auth::SCRAM_SHA_256_PLUS.to_string(), auth::SCRAM_SHA_256.to_string()];
+        let plain = [auth::SCRAM_SHA_256.to_string()];
+        let ep = || Some(vec![1u8; 32]);
+        let bound = ClientBinding::EndPoint(vec![1u8; 32]);
+        assert_eq!(choose_binding(Prefer, true, ep(), &both), Ok(bound.clone()));
+        assert_eq!(choose_binding(Require, true, ep(), &both), Ok(bound));
+        assert_eq!(choose_binding(Disable, true, ep(), &both), Ok(ClientBinding::None));
+        // Over TLS without PLUS on offer: "y", so a server that did offer it (stripped in transit) refuses.
+        assert_eq!(choose_binding(Prefer, true, ep(), &plain), Ok(ClientBinding::NotOffered));
+        assert_eq!(choose_binding(Disable, true, ep(), &plain), Ok(ClientBinding::None));
+        assert_eq!(choose_binding(Prefer, false, None, &plain), Ok(ClientBinding::None));
+        // A certificate without a tls-server-end-point hash cannot be bound to.
+        assert_eq!(choose_binding(Prefer, true, None, &both), Ok(ClientBinding::None));
+        for (tls, end_point, mechs, why) in [
+            (false, None, &plain[..], "not TLS"),
+            (true, ep(), &plain[..], "does not offer SCRAM-SHA-256-PLUS"),
+            (true, None, &both[..], "no tls-server-end-point hash"),
+        ] {
+            let e = choose_binding(Require, tls, end_point, mechs).unwrap_err();
+            assert!(e.starts_with("server_tls.channel_binding is require") && e.contains(why), "{e}");
+        }
+        let e = choose_binding(Prefer, false, None, &[auth::SCRAM_SHA_256_PLUS.to_string()]).unwrap_err();
+        assert!(e.contains("no supported SASL mechanism"), "{e}");
+    }
 }

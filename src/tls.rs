@@ -15,7 +15,7 @@ use sha2::Digest as _;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-use crate::config::{Config, ServerTlsMode, TlsMode};
+use crate::config::{ChannelBinding, Config, ServerTlsMode, TlsMode};
 
 /// The ALPN protocol name PostgreSQL 17 uses; mandatory for direct TLS (`sslnegotiation=direct`).
 pub const ALPN_POSTGRESQL: &[u8] = b"postgresql";
@@ -153,12 +153,14 @@ fn signature_algorithm_oid(cert: &[u8]) -> Option<&[u8]> {
 /// TLS towards PostgreSQL, per `[server_tls]`.
 pub struct Connector {
     pub mode: ServerTlsMode,
+    /// Whether pgrelay's SCRAM login binds to the TLS session (`[server_tls] channel_binding`).
+    pub channel_binding: ChannelBinding,
     connector: tokio_rustls::TlsConnector,
 }
 
 impl std::fmt::Debug for Connector {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Connector").field("mode", &self.mode).finish()
+        f.debug_struct("Connector").field("mode", &self.mode).field("channel_binding", &self.channel_binding).finish()
     }
 }
 
@@ -192,7 +194,17 @@ impl Connector {
             .dangerous()
             .with_custom_certificate_verifier(verifier)
             .with_no_client_auth();
-        Ok(Some(Arc::new(Connector { mode, connector: tokio_rustls::TlsConnector::from(Arc::new(config)) })))
+        Ok(Some(Arc::new(Connector {
+            mode,
+            channel_binding: cfg.server_tls.channel_binding,
+            connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
+        })))
+    }
+
+    /// The leaf certificate's tls-server-end-point data on an established connection, `None` when the
+    /// certificate's signature algorithm defines no hash for it.
+    pub fn end_point(tls: &tokio_rustls::client::TlsStream<TcpStream>) -> Option<Vec<u8>> {
+        tls_server_end_point(tls.get_ref().1.peer_certificates()?.first()?)
     }
 
     /// Runs the client side of the handshake (after the server answered 'S' and nothing else).

@@ -1,6 +1,7 @@
 //! TLS and authentication against a real PostgreSQL: psql with sslmode=require/verify-full through pgrelay,
 //! plaintext refused under `require`, direct TLS, certificate reload, `[server_tls]` modes, SCRAM channel
-//! binding and SCRAM passthrough with only a verifier in the userlist. Certificates are made with openssl.
+//! binding (towards clients and on pgrelay's own login), cancel requests over TLS, and SCRAM passthrough with
+//! only a verifier in the userlist. Certificates are made with openssl.
 
 mod common;
 
@@ -28,6 +29,11 @@ fn openssl(dir: &Path, args: &[&str]) {
 
 /// Makes `<name>-ca.crt` and a server certificate for `san` (e.g. "DNS:localhost,IP:127.0.0.1") in `dir`.
 fn make_certs(dir: &Path, name: &str, san: &str) -> Certs {
+    make_certs_signed(dir, name, san, "-sha256")
+}
+
+/// Like `make_certs`, the server certificate signed with `digest` (e.g. "-sha384").
+fn make_certs_signed(dir: &Path, name: &str, san: &str, digest: &str) -> Certs {
     let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
     let ca_key = format!("{name}-ca.key");
     let ca = format!("{name}-ca.crt");
@@ -81,6 +87,7 @@ fn make_certs(dir: &Path, name: &str, san: &str) -> Certs {
             "2",
             "-extfile",
             &ext,
+            digest,
         ],
     );
     Certs { ca: dir.join(ca), cert: dir.join(crt), key: dir.join(key) }
@@ -486,4 +493,219 @@ fn scram_passthrough_with_only_a_verifier() {
     let log = relay.log();
     let stored_key = verifier.split('$').nth(2).and_then(|k| k.split(':').next()).unwrap();
     assert!(!log.contains(stored_key) && !log.contains(PASSWORD), "secret in log: {log}");
+}
+
+/// Replaces the test PostgreSQL's pg_hba.conf and reloads it.
+fn set_pg_hba(pg: &Pg, lines: &str) {
+    std::fs::write(pg.data().join("pg_hba.conf"), lines).unwrap();
+    let out = Command::new("kill").arg("-HUP").arg(pg_postmaster_pid(pg)).status().unwrap();
+    assert!(out.success());
+    // The postmaster rereads the file on SIGHUP; give it a moment before the next connection.
+    std::thread::sleep(Duration::from_millis(500));
+}
+
+fn pg_postmaster_pid(pg: &Pg) -> String {
+    let pid = std::fs::read_to_string(pg.data().join("postmaster.pid")).unwrap();
+    pid.lines().next().unwrap().trim().to_string()
+}
+
+/// pgrelay's own login binds to the TLS session. `channel_binding = "require"` gets in over TLS to a SCRAM
+/// server, which proves SCRAM-SHA-256-PLUS was used (require accepts no other way in), and fails with an
+/// error naming the reason against a server that lets pgrelay in otherwise. The certificate is signed with
+/// SHA-384, so PostgreSQL only accepts the binding if pgrelay hashed it per RFC 5929 (SHA-384, not SHA-256).
+#[test]
+fn server_channel_binding() {
+    let pg = Pg::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let c = make_certs_signed(tmp.path(), "db", "DNS:localhost,IP:127.0.0.1", "-sha384");
+    pg_ssl_on(&pg, &c);
+    let extra = "server_connect_timeout = \"3s\"\nquery_wait_timeout = \"3s\"";
+    let through = |mode: &str, cb: &str, pg: &Pg| {
+        let section = format!("{}channel_binding = \"{cb}\"\n", server_tls(mode, &c.ca));
+        let relay = Relay::start(pg, extra, &section);
+        let r = relay.psql("postgres", PASSWORD, "postgres", SSL_IN_USE);
+        (r, relay.log())
+    };
+
+    // 1. SCRAM over TLS: every policy gets in; require only with SCRAM-SHA-256-PLUS.
+    for (mode, cb) in [("verify-full", "require"), ("require", "require"), ("require", "prefer"), ("prefer", "disable")]
+    {
+        let (r, log) = through(mode, cb, &pg);
+        assert_eq!(r.as_deref(), Ok("t"), "{mode}/{cb}: {log}");
+    }
+
+    // 2. A server that lets pgrelay in without authenticating itself (trust), or asks for a cleartext
+    //    password: require refuses before sending anything; prefer carries on.
+    for (method, why) in [("trust", "let pgrelay in without channel binding"), ("password", "asked for a password")] {
+        set_pg_hba(&pg, &format!("local all all trust\nhost all all 127.0.0.1/32 {method}\n"));
+        let (r, log) = through("require", "require", &pg);
+        let e = r.unwrap_err();
+        assert!(e.contains("could not connect to server"), "{method}: {e}");
+        assert!(log.contains(why), "{method}: {log}");
+        let (r, log) = through("require", "prefer", &pg);
+        assert_eq!(r.as_deref(), Ok("t"), "{method}: {log}");
+    }
+
+    // 3. Without TLS there is nothing to bind to: the error says so, and the client sees it.
+    let plain = Pg::start();
+    let (r, log) = through("prefer", "require", &plain);
+    let e = r.unwrap_err();
+    assert!(e.contains("channel_binding is require but the connection to the server is not TLS"), "{e}\n{log}");
+    let (r, log) = through("prefer", "prefer", &plain);
+    assert_eq!(r.as_deref(), Ok("f"), "{log}");
+
+    // 4. require without any TLS towards the server is a config error.
+    let relay_dir = tempfile::tempdir().unwrap();
+    let cfg = relay_dir.path().join("proxy.toml");
+    std::fs::write(&cfg, "[server_tls]\nchannel_binding = \"require\"\n[auth]\ntype = \"trust\"\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_pgrelay")).arg("check").arg("--config").arg(&cfg).output().unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(!out.status.success() && text.contains("server_tls.channel_binding"), "{text}");
+}
+
+const SSL_REQUEST_HEAD: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
+const CANCEL_HEAD: [u8; 8] = [0, 0, 0, 16, 0x04, 0xd2, 0x16, 0x2e];
+
+/// A TCP forwarder to PostgreSQL that records the first 8 bytes of every connection made through it: enough
+/// to tell an SSLRequest from a plaintext CancelRequest or StartupMessage. It only relays; PostgreSQL answers.
+async fn recording_forwarder(to: u16) -> (u16, Arc<std::sync::Mutex<Vec<[u8; 8]>>>) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let rec = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = l.accept().await {
+            let rec = rec.clone();
+            tokio::spawn(async move {
+                let mut head = [0u8; 8];
+                if inbound.read_exact(&mut head).await.is_err() {
+                    return;
+                }
+                rec.lock().unwrap().push(head);
+                let Ok(mut outbound) = tokio::net::TcpStream::connect(("127.0.0.1", to)).await else { return };
+                if outbound.write_all(&head).await.is_ok() {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                }
+            });
+        }
+    });
+    (port, seen)
+}
+
+/// A client's cancel reaches a `hostssl`-only PostgreSQL over TLS. PostgreSQL handles a CancelRequest before
+/// pg_hba, so it would honour a plaintext one too: the forwarder in between is what tells them apart, and it
+/// must have seen only SSLRequests, including on the connection that carried the cancel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_goes_to_the_server_over_tls() {
+    let pg = Pg::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let c = make_certs(tmp.path(), "db", "DNS:localhost,IP:127.0.0.1");
+    pg_ssl_on(&pg, &c);
+    set_pg_hba(
+        &pg,
+        "local all all scram-sha-256\nhostnossl all all 0.0.0.0/0 reject\nhostssl all all 127.0.0.1/32 scram-sha-256\n",
+    );
+    let (fwd, seen) = recording_forwarder(pg.port).await;
+    for mode in ["prefer", "require", "verify-full"] {
+        let relay = Relay::start_at(fwd, "", &server_tls(mode, &c.ca));
+        let client = relay.connect().await;
+        let token = client.cancel_token();
+        let query = tokio::spawn(async move { client.simple_query("select pg_sleep(30)").await.map(|_| ()) });
+        let started = std::time::Instant::now();
+        while pg.psql("select count(*) from pg_stat_activity where query = 'select pg_sleep(30)' and state = 'active'")
+            != "1"
+        {
+            assert!(started.elapsed() < Duration::from_secs(10), "{mode}: query never started: {}", relay.log());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let before = seen.lock().unwrap().len();
+        let t0 = std::time::Instant::now();
+        token.cancel_query(tokio_postgres::NoTls).await.unwrap();
+        let r = tokio::time::timeout(Duration::from_secs(10), query).await.expect("cancelled in time").unwrap();
+        let e = r.unwrap_err();
+        assert_eq!(sqlstate(&e).as_deref(), Some("57014"), "{mode}: {e}");
+        assert!(t0.elapsed() < Duration::from_secs(5), "{mode}: cancel took {:?}", t0.elapsed());
+        let heads = seen.lock().unwrap().clone();
+        assert!(heads.len() > before, "{mode}: the cancel did not go through the forwarder");
+        assert!(heads.iter().all(|h| *h == SSL_REQUEST_HEAD), "{mode}: plaintext towards the server: {heads:?}");
+        seen.lock().unwrap().clear();
+    }
+}
+
+/// What a one-shot local listener, standing in for the server on the cancel leg, received.
+#[derive(Debug, PartialEq)]
+enum Leg {
+    /// The 16-byte CancelRequest arrived as the first bytes, in the clear.
+    Plain(Vec<u8>),
+    /// SSLRequest, answered 'N', then the CancelRequest in the clear.
+    AfterN(Vec<u8>),
+    /// SSLRequest, answered 'S', handshake, then the CancelRequest inside TLS.
+    InTls(Vec<u8>),
+    /// SSLRequest, answered 'N', then the connection closed.
+    Refused,
+}
+
+/// Accepts one connection; answers an SSLRequest with `answer` ('S' = handshake with `acceptor`).
+async fn cancel_leg(answer: u8, acceptor: Arc<pgrelay::tls::Acceptor>) -> (u16, tokio::task::JoinHandle<Leg>) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    let task = tokio::spawn(async move {
+        let (mut tcp, _) = l.accept().await.unwrap();
+        let mut head = [0u8; 8];
+        tcp.read_exact(&mut head).await.unwrap();
+        if head != SSL_REQUEST_HEAD {
+            let mut rest = [0u8; 8];
+            tcp.read_exact(&mut rest).await.unwrap();
+            return Leg::Plain([&head[..], &rest[..]].concat());
+        }
+        tcp.write_all(&[answer]).await.unwrap();
+        let mut msg = vec![0u8; 16];
+        if answer == b'S' {
+            let mut s = acceptor.accept(tcp).await.unwrap();
+            s.read_exact(&mut msg).await.unwrap();
+            return Leg::InTls(msg);
+        }
+        match tcp.read_exact(&mut msg).await {
+            Ok(_) => Leg::AfterN(msg),
+            Err(_) => Leg::Refused,
+        }
+    });
+    (port, task)
+}
+
+/// `send_cancel` per `[server_tls] mode`: plaintext with disable, TLS with require and verify-full (same
+/// connector and server name as the server connections), `prefer` follows the server's 'S' or 'N', and
+/// `require` sends nothing to a server that answers 'N'.
+#[tokio::test]
+async fn send_cancel_follows_server_tls_mode() {
+    let tmp = tempfile::tempdir().unwrap();
+    let c = make_certs(tmp.path(), "leg", "DNS:localhost,IP:127.0.0.1");
+    let acceptor = Arc::new(pgrelay::tls::Acceptor::load(&c.cert, &c.key).unwrap());
+    let connector = |mode: &str| {
+        let text = format!("{}\n[auth]\ntype = \"trust\"\n", server_tls(mode, &c.ca));
+        let cfg = pgrelay::config::Config::parse(&text, Path::new("t.toml")).unwrap();
+        pgrelay::tls::Connector::from_config(&cfg).unwrap()
+    };
+    let mut want = [0u8; 16];
+    want[..8].copy_from_slice(&CANCEL_HEAD);
+    want[8..12].copy_from_slice(&4242i32.to_be_bytes());
+    want[12..].copy_from_slice(&(-7i32).to_be_bytes());
+    let want = want.to_vec();
+    let cases = [
+        ("disable", b'S', Leg::Plain(want.clone())),
+        ("prefer", b'S', Leg::InTls(want.clone())),
+        ("prefer", b'N', Leg::AfterN(want.clone())),
+        ("require", b'S', Leg::InTls(want.clone())),
+        ("verify-full", b'S', Leg::InTls(want.clone())),
+        ("require", b'N', Leg::Refused),
+    ];
+    for (mode, answer, expect) in cases {
+        let (port, leg) = cancel_leg(answer, acceptor.clone()).await;
+        let target = pgrelay::server::Target { host: "127.0.0.1".into(), port };
+        let tls = connector(mode);
+        let r = pgrelay::server::send_cancel(&target, tls.as_deref(), 4242, -7).await;
+        assert_eq!(r.is_ok(), expect != Leg::Refused, "{mode}/{}: {r:?}", answer as char);
+        let got = tokio::time::timeout(Duration::from_secs(5), leg).await.expect("leg done").unwrap();
+        assert_eq!(got, expect, "{mode}/{}", answer as char);
+    }
 }

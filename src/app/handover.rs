@@ -216,7 +216,8 @@ fn serve_control(
             let found = shared.cancel_keys.get(&key).map(|c| c.clone());
             match found {
                 Some(info) => {
-                    rt.spawn(async move { crate::client::cancel_client(&info).await });
+                    let tls = shared.config.load().proxy.server_tls.0.clone();
+                    rt.spawn(async move { crate::client::cancel_client(&info, tls.as_deref()).await });
                     s.write_all(b"Y")?;
                 }
                 None => s.write_all(b"N")?,

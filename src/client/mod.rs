@@ -541,7 +541,8 @@ async fn forward_cancel(shared: &Arc<Shared>, pid: i32, key: i32) {
     match target {
         Some(t) => {
             debug!(server = %t.target, "forwarding cancel request");
-            if let Err(e) = crate::server::send_cancel(&t.target, t.pid, t.key).await {
+            let tls = shared.config.load().proxy.server_tls.0.clone();
+            if let Err(e) = crate::server::send_cancel(&t.target, tls.as_deref(), t.pid, t.key).await {
                 warn!(server = %t.target, error = %e, "cancel request to server failed");
             }
         }
@@ -549,11 +550,12 @@ async fn forward_cancel(shared: &Arc<Shared>, pid: i32, key: i32) {
     }
 }
 
-/// Cancels whatever the client is running (used by query_timeout).
-pub async fn cancel_client(info: &ClientInfo) {
+/// Cancels whatever the client is running (used by query_timeout and by a cancel handed over in an upgrade).
+/// `tls` is the `[server_tls]` connector the server connections are made with.
+pub async fn cancel_client(info: &ClientInfo, tls: Option<&crate::tls::Connector>) {
     let t = info.linked.lock().clone();
     if let Some(t) = t {
-        if let Err(e) = crate::server::send_cancel(&t.target, t.pid, t.key).await {
+        if let Err(e) = crate::server::send_cancel(&t.target, tls, t.pid, t.key).await {
             warn!(server = %t.target, error = %e, "cancel request to server failed");
         }
     }

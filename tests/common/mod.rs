@@ -216,13 +216,17 @@ impl Relay {
     /// Starts pgrelay in front of `pg` with database `postgres`; `proxy_extra` goes into `[proxy]`,
     /// `tail` is appended to the file (more tables).
     pub fn start(pg: &Pg, proxy_extra: &str, tail: &str) -> Relay {
+        Relay::start_at(pg.port, proxy_extra, tail)
+    }
+
+    /// Like `start`, with database `postgres` on 127.0.0.1:`server_port` (e.g. a recording forwarder).
+    pub fn start_at(server_port: u16, proxy_extra: &str, tail: &str) -> Relay {
         let port = free_port();
         let metrics_port = free_port();
         let dir = tempfile::Builder::new().prefix("pgrelay-relay-").tempdir().expect("tempdir");
         std::fs::write(dir.path().join("userlist.txt"), USERLIST).unwrap();
         let cfg = format!(
-            "[proxy]\nlisten = \"127.0.0.1:{port}\"\nserver_check_delay = \"0\"\n{proxy_extra}\n\n[auth]\ntype = \"scram-sha-256\"\nfile = \"userlist.txt\"\nadmin_users = [\"pgrelay\"]\nstats_users = [\"stats\"]\n\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n\n[databases.postgres]\nhost = \"127.0.0.1\"\nport = {}\n\n{tail}\n",
-            pg.port
+            "[proxy]\nlisten = \"127.0.0.1:{port}\"\nserver_check_delay = \"0\"\n{proxy_extra}\n\n[auth]\ntype = \"scram-sha-256\"\nfile = \"userlist.txt\"\nadmin_users = [\"pgrelay\"]\nstats_users = [\"stats\"]\n\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n\n[databases.postgres]\nhost = \"127.0.0.1\"\nport = {server_port}\n\n{tail}\n"
         );
         std::fs::write(dir.path().join("proxy.toml"), cfg).unwrap();
         let mut r = Relay { port, metrics_port, dir, child: None };
