@@ -142,7 +142,7 @@ def tick_label(v):
 
 def panel_svg(x0, y0, w, h, title, subtitle, series, notes):
     """One workload: series = [(target, [curve per round], median curve)], curves are {percentile: ms}."""
-    left, right, top, bottom = 58, 14, 40, 38
+    left, right, top, bottom = 58, 14, 40, 72   # legend and notes go under the x axis, clear of the curves
     pw, ph = w - left - right, h - top - bottom
     vals = [v for _, rounds, m in series for c in rounds + [m] for v in c.values()]
     out = [f'<g transform="translate({x0},{y0})">',
@@ -175,7 +175,7 @@ def panel_svg(x0, y0, w, h, title, subtitle, series, notes):
         x = px(name)
         out.append(f'<line x1="{x:.1f}" y1="{top}" x2="{x:.1f}" y2="{top + ph}" stroke="#e3e3e3"/>')
         out.append(f'<text x="{x:.1f}" y="{top + ph + 14}" font-size="10" text-anchor="middle">{label}</text>')
-    out.append(f'<text x="{left + pw / 2}" y="{h - 6}" font-size="11" text-anchor="middle">percentile</text>')
+    out.append(f'<text x="{left + pw / 2}" y="{top + ph + 28}" font-size="11" text-anchor="middle">percentile</text>')
     out.append(f'<text x="14" y="{top + ph / 2}" font-size="11" text-anchor="middle" '
                f'transform="rotate(-90 14 {top + ph / 2})">latency ms (log)</text>')
 
@@ -200,16 +200,16 @@ def panel_svg(x0, y0, w, h, title, subtitle, series, notes):
             if k in m:
                 out.append(f'<circle cx="{px(k):.1f}" cy="{py(m[k]):.1f}" r="2.2" fill="{col}">'
                            f'<title>{escape(t)} {k}: {m[k]:.3f} ms</title></circle>')
-    ly = top + 6
+    lx, ly = left, top + ph + 44
     for t, _, m in series:
         col = COLOURS.get(t, '#8e44ad')
-        label = f'{t}  p99 {m["p99"]:.3g} ms' if 'p99' in m else t
-        out.append(f'<line x1="{left + 8}" y1="{ly + 5}" x2="{left + 26}" y2="{ly + 5}" stroke="{col}" stroke-width="2"/>')
-        out.append(f'<text x="{left + 30}" y="{ly + 9}" font-size="10">{escape(label)}</text>')
-        ly += 13
+        label = f'{t} (p99 {m["p99"]:.3g} ms)' if 'p99' in m else t
+        out.append(f'<line x1="{lx}" y1="{ly - 4}" x2="{lx + 18}" y2="{ly - 4}" stroke="{col}" stroke-width="2"/>')
+        out.append(f'<text x="{lx + 22}" y="{ly}" font-size="10">{escape(label)}</text>')
+        lx += 30 + 6 * len(label)
     for n in notes:
-        out.append(f'<text x="{left + 30}" y="{ly + 9}" font-size="10" fill="#888">{escape(n)}</text>')
-        ly += 13
+        ly += 14
+        out.append(f'<text x="{left}" y="{ly}" font-size="10" fill="#888">{escape(n)}</text>')
     out.append('</g>')
     return '\n'.join(out)
 
@@ -236,7 +236,7 @@ def write_latency_svg(d, rows, workloads, targets):
         args = sorted(set(r['pgbench_args'] for r in wr))
         panels.append((w, 'pgbench -n ' + ' | '.join(args), series, notes))
     cols = 2 if len(panels) > 1 else 1
-    pw, ph = 520, 330
+    pw, ph = 520, 360
     nrows = (len(panels) + cols - 1) // cols
     width, height = cols * pw + 20, nrows * ph + 50
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
