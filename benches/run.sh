@@ -7,6 +7,9 @@
 #   - pgbouncer (transaction mode, pool POOL, auth_type md5 with a userlist),
 #   - pgrelay (transaction mode, pool POOL, [auth] type md5 with the same userlist),
 # both proxies reaching PostgreSQL the same way (Unix socket by default, -T tcp for loopback TCP).
+# When a tls* workload is selected, a self-signed certificate is made with openssl and all three
+# accept TLS from clients (PostgreSQL ssl = on, pgbouncer client_tls_sslmode = allow, pgrelay
+# [tls] mode = "allow"); the proxies still talk to PostgreSQL without TLS.
 # Then, for every workload, runs pgbench against the targets interleaved for R rounds
 # (direct, pgbouncer, pgrelay, direct, ...) and prints a table per workload.
 #
@@ -44,12 +47,19 @@
 #   c1               -S -M simple -c 1 -j 1       (single-client latency)
 #   c500             -S -M simple -c 500 -j 2     (many clients, pool POOL)
 #   reconnect        -S -M simple -C -c 50 -j 2   (new connection per transaction, md5 auth each time)
+#   tls              -S -M simple -c 20 -j 2      (clients connect with TLS: PGSSLMODE=require)
+#   c2000            -S -M simple -c 2000 -j 2    (2000 clients, pool POOL; direct is skipped, "n/a",
+#                                                   when PostgreSQL's max_connections cannot take them)
+# A workload whose name starts with "tls" connects with PGSSLMODE=require (so -W 'tls-ext:-S -M extended
+# -c 20 -j 2' adds another TLS workload); every other workload connects with PGSSLMODE=disable.
+# Both proxies get max_client_conn = max(1000, largest -c + 100); the script raises `ulimit -n`.
 #
-# Per run it records: TPS, average/p50/p99/p99.9 latency (pgbench per-transaction log), failed
+# Per run it records: TPS, average latency and percentiles p1 ... p99.99 and max (pgbench per-transaction log), failed
 # transactions, aborted clients, proxy process CPU (user and system, /proc/PID/stat), proxy context
 # switches (voluntary/nonvoluntary, summed over /proc/PID/task/*/status), PostgreSQL process tree CPU,
 # pgbench CPU, machine busy CPU and machine context switches (/proc/stat).
 # Results dir: runs.tsv + runs.jsonl (raw, one line per run), summary.md, summary.txt, header.txt,
+# latency.svg (latency percentile curves per workload and target),
 # logs/ (postgres, pgbouncer, pgrelay logs; pgbench stdout/stderr per run).
 
 set -u -o pipefail
@@ -68,11 +78,14 @@ KEEP_LOGS=0
 KEEP_TMP=0
 WARMUP=3
 PAUSE=1
+MAX_CONNECTIONS=600
+# quantiles stored per run (runs.tsv column lat_pct_ms, runs.jsonl): name=fraction; max is added after them
+PCT_POINTS="p1=0.01 p5=0.05 p10=0.10 p25=0.25 p50=0.50 p75=0.75 p90=0.90 p95=0.95 p99=0.99 p99.5=0.995 p99.9=0.999 p99.99=0.9999"
 SUMMARY_ONLY=""
 OBS_MODE=""
 TARGETS=""
 WORKLOADS=""
-DEFAULT_WORKLOADS="select-simple,select-extended,select-prepared,tpcb,c1,c500,reconnect"
+DEFAULT_WORKLOADS="select-simple,select-extended,select-prepared,tpcb,c1,c500,reconnect,tls,c2000"
 declare -A WL
 WL[select-simple]="-S -M simple -c 20 -j 2"
 WL[select-extended]="-S -M extended -c 20 -j 2"
@@ -81,6 +94,8 @@ WL[tpcb]="-M simple -c 20 -j 2"
 WL[c1]="-S -M simple -c 1 -j 1"
 WL[c500]="-S -M simple -c 500 -j 2"
 WL[reconnect]="-S -M simple -C -c 50 -j 2"
+WL[tls]="-S -M simple -c 20 -j 2"
+WL[c2000]="-S -M simple -c 2000 -j 2"
 # per workload+target overrides
 declare -A WL_FOR
 WL_FOR[select-prepared/pgbouncer]="-S -M extended -c 20 -j 2"
@@ -138,6 +153,22 @@ for t in $TARGETS; do
   case "$t" in direct|pgbouncer|pgrelay|pgrelay-noobs) ;; *) die "unknown target '$t'" ;; esac
 done
 for w in $WORKLOADS; do [ -n "${WL[$w]:-}" ] || die "unknown workload '$w'"; done
+wl_args() { echo "${WL_FOR[$1/$2]:-${WL[$1]}}"; }          # wl_args WORKLOAD TARGET
+wl_clients() {                                               # wl_clients ARGS: pgbench's -c (default 1)
+  local a=" $1 "
+  if [[ "$a" =~ \ -c\ *([0-9]+)\  ]]; then echo "${BASH_REMATCH[1]}"; else echo 1; fi
+}
+wl_sslmode() { case "$1" in tls*) echo require ;; *) echo disable ;; esac; }
+NEED_TLS=0
+MAX_CLIENTS=1
+for w in $WORKLOADS; do
+  [ "$(wl_sslmode "$w")" = require ] && NEED_TLS=1
+  for t in $TARGETS; do
+    c=$(wl_clients "$(wl_args "$w" "$t")")
+    [ "$c" -gt "$MAX_CLIENTS" ] && MAX_CLIENTS=$c
+  done
+done
+PROXY_MAX_CLIENT_CONN=$((MAX_CLIENTS + 100 > 1000 ? MAX_CLIENTS + 100 : 1000))
 [[ "$ROUNDS" =~ ^[0-9]+$ && "$ROUNDS" -ge 1 && "$ROUNDS" -le 50 ]] || die "bad -r"
 [[ "$DURATION" =~ ^[0-9]+$ && "$DURATION" -ge 1 && "$DURATION" -le 3600 ]] || die "bad -d"
 [[ "$POOL" =~ ^[0-9]+$ && "$POOL" -ge 1 && "$POOL" -le 200 ]] || die "bad -p"
@@ -147,6 +178,12 @@ for w in $WORKLOADS; do [ -n "${WL[$w]:-}" ] || die "unknown workload '$w'"; don
 for b in "$PGBIN/initdb" "$PGBIN/postgres" "$PGBIN/pg_isready" /usr/bin/pgbench /usr/bin/psql python3 setpriv ss bc; do
   command -v "$b" >/dev/null || die "missing $b"
 done
+[ "$NEED_TLS" = 0 ] || command -v openssl >/dev/null || die "missing openssl (needed by the tls workloads)"
+# Every client socket is a descriptor in pgbench and in the proxy (which inherits this limit through setpriv).
+ulimit -n 65536 2>/dev/null || ulimit -n 16384 2>/dev/null || ulimit -n 4096 2>/dev/null || true
+NOFILE=$(ulimit -n)
+[ "$NOFILE" = unlimited ] || [ "$NOFILE" -ge $((MAX_CLIENTS + 256)) ] \
+  || die "ulimit -n is $NOFILE, too low for $MAX_CLIENTS clients (raise the hard limit)"
 if [[ " $TARGETS " == *" pgbouncer "* ]]; then
   command -v pgbouncer >/dev/null || die "missing pgbouncer (apt-get install -y pgbouncer)"
 fi
@@ -169,8 +206,17 @@ OUTDIR=$(cd "$OUTDIR" && pwd)
 TMP=$(mktemp -d /tmp/pgrelay-bench.XXXXXX) || die "mktemp failed"
 chmod 755 "$TMP"
 mkdir -p "$TMP/data" "$TMP/sock" "$TMP/txlog"
+TLS_CERT=$TMP/tls/server.crt
+TLS_KEY=$TMP/tls/server.key
+if [ "$NEED_TLS" = 1 ]; then
+  # Self-signed, for this run only. Owned by postgres, key 0600: PostgreSQL refuses a key others can read.
+  mkdir -p "$TMP/tls"
+  openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj "/CN=localhost" \
+    -addext "subjectAltName=DNS:localhost,IP:127.0.0.1" -keyout "$TLS_KEY" -out "$TLS_CERT" \
+    >"$TMP/openssl.log" 2>&1 || { cat "$TMP/openssl.log" >&2; die "openssl could not make a certificate"; }
+  chmod 600 "$TLS_KEY"
+fi
 chown -R postgres:postgres "$TMP"
-ulimit -n 65536 2>/dev/null || ulimit -n 4096 2>/dev/null || true
 HZ=$(getconf CLK_TCK)
 NCPU=$(nproc)
 
@@ -233,7 +279,7 @@ cat >>"$TMP/data/postgresql.conf" <<EOF
 port = $PGPORT
 listen_addresses = '127.0.0.1'
 unix_socket_directories = '$TMP/sock'
-max_connections = 600
+max_connections = $MAX_CONNECTIONS
 shared_buffers = 256MB
 password_encryption = md5
 synchronous_commit = off
@@ -242,6 +288,13 @@ max_wal_size = 4GB
 logging_collector = off
 log_min_messages = warning
 EOF
+if [ "$NEED_TLS" = 1 ]; then
+  cat >>"$TMP/data/postgresql.conf" <<EOF
+ssl = on
+ssl_cert_file = '$TLS_CERT'
+ssl_key_file = '$TLS_KEY'
+EOF
+fi
 as_pg_bg "$PGBIN/postgres" -D "$TMP/data" >"$TMP/postgres.log" 2>&1 &
 PG_PM=$!
 for i in $(seq 1 100); do
@@ -259,6 +312,11 @@ pgbench -i -q -s "$SCALE" -h "$TMP/sock" -p "$PGPORT" -U bench bench >"$TMP/pgbe
 psql_su -d bench -c "VACUUM ANALYZE" -c "CHECKPOINT" || die "vacuum failed"
 PORT[direct]=$PGPORT
 CPU_PID[direct]=""
+# Direct runs share max_connections with the proxies' idle pools (and superuser_reserved_connections = 3);
+# a workload with more clients than what is left is skipped for direct (n/a in the tables).
+n_proxies=0
+for t in $TARGETS; do [ "$t" = direct ] || n_proxies=$((n_proxies + 1)); done
+DIRECT_MAX_CLIENTS=$((MAX_CONNECTIONS - 3 - n_proxies * POOL - 5))
 
 cat >"$TMP/userlist.txt" <<'EOF'
 "bench" "bench"
@@ -285,7 +343,7 @@ pool_mode = transaction
 default_pool_size = $POOL
 min_pool_size = 0
 reserve_pool_size = 0
-max_client_conn = 1000
+max_client_conn = $PROXY_MAX_CLIENT_CONN
 max_db_connections = 0
 listen_backlog = 1024
 ignore_startup_parameters = extra_float_digits
@@ -294,6 +352,13 @@ pidfile = $TMP/pgbouncer.pid
 log_connections = 0
 log_disconnections = 0
 EOF
+  if [ "$NEED_TLS" = 1 ]; then
+    cat >>"$TMP/pgbouncer.ini" <<EOF
+client_tls_sslmode = allow
+client_tls_cert_file = $TLS_CERT
+client_tls_key_file = $TLS_KEY
+EOF
+  fi
   chown postgres:postgres "$TMP/pgbouncer.ini" "$TMP/userlist.txt"
   as_pg_bg pgbouncer "$TMP/pgbouncer.ini" >"$TMP/pgbouncer.stderr.log" 2>&1 &
   PGB_PID=$!
@@ -313,7 +378,7 @@ for t in $TARGETS; do
 [proxy]
 listen = "127.0.0.1:${PORT[$t]}"
 pool_mode = "transaction"
-max_client_conn = 1000
+max_client_conn = $PROXY_MAX_CLIENT_CONN
 default_pool_size = $POOL
 min_pool_size = 0
 reserve_pool_size = 0
@@ -332,6 +397,9 @@ host = "$SRV_HOST"
 port = $PGPORT
 dbname = "bench"
 EOF
+  if [ "$NEED_TLS" = 1 ]; then
+    printf '\n[tls]\nmode = "allow"\ncert = "%s"\nkey = "%s"\n' "$TLS_CERT" "$TLS_KEY" >>"$TMP/$t.toml"
+  fi
   chown postgres:postgres "$TMP/$t.toml"
   as_pg "$TMP/pgrelay" check --config "$TMP/$t.toml" >"$TMP/$t.check.log" 2>&1 \
     || { cat "$TMP/$t.check.log" >&2; die "pgrelay check rejected $t.toml"; }
@@ -355,10 +423,21 @@ for t in $TARGETS; do
   fi
 done
 export PGPASSWORD=bench
+# Non-TLS workloads must stay plaintext now that the targets may offer TLS (libpq's default, prefer, would take it).
+export PGSSLMODE=disable
 for t in $TARGETS; do
   psql -X -q -h 127.0.0.1 -p "${PORT[$t]}" -U bench -d bench -tAc "select 1" >/dev/null 2>"$TMP/smoke.err" \
     || { cat "$TMP/smoke.err" >&2; die "smoke query through $t failed"; }
+  if [ "$NEED_TLS" = 1 ]; then   # sslmode=require fails unless the target really speaks TLS to the client
+    PGSSLMODE=require psql -X -q -h 127.0.0.1 -p "${PORT[$t]}" -U bench -d bench -tAc "select 1" >/dev/null \
+      2>"$TMP/smoke.err" || { cat "$TMP/smoke.err" >&2; die "TLS smoke query through $t failed"; }
+  fi
 done
+if [ "$NEED_TLS" = 1 ]; then
+  ssl_seen=$(PGSSLMODE=require psql -X -h 127.0.0.1 -p "$PGPORT" -U bench -d bench -tAc \
+    "select ssl from pg_stat_ssl where pid = pg_backend_pid()" 2>/dev/null)
+  [ "$ssl_seen" = t ] || die "direct TLS check: pg_stat_ssl says ssl='$ssl_seen'"
+fi
 
 # ---------- header ----------
 GIT_REV=$(git -C "$REPO" rev-parse HEAD 2>/dev/null || echo unknown)
@@ -375,11 +454,20 @@ GIT_DIRTY=$(git -C "$REPO" status --porcelain --untracked-files=no 2>/dev/null |
   [[ " $TARGETS " == *" pgbouncer "* ]] && echo "# pgbouncer: $(pgbouncer --version | head -1)"
   [[ " $TARGETS " == *" pgrelay"* ]] && echo "# pgrelay: commit $GIT_REV$GIT_DIRTY (last src change $SRC_REV) binary $PGRELAY_BIN sha256 $(sha256sum "$TMP/pgrelay" | cut -c1-16)"
   echo "# settings: rounds=$ROUNDS duration=${DURATION}s pool=$POOL scale=$SCALE proxy->postgres=$TRANSPORT auth=md5 warmup=${WARMUP}s"
+  echo "# limits: postgres max_connections=$MAX_CONNECTIONS (direct runs up to $DIRECT_MAX_CLIENTS clients) proxies max_client_conn=$PROXY_MAX_CLIENT_CONN ulimit -n $NOFILE"
+  if [ "$NEED_TLS" = 1 ]; then
+    echo "# tls: clients of tls* workloads connect with sslmode=require, others with sslmode=disable; self-signed RSA 2048 certificate ($(openssl version | cut -d' ' -f1-2)); postgres ssl=on, pgbouncer client_tls_sslmode=allow, pgrelay [tls] mode=allow; proxy->postgres without TLS"
+  else
+    echo "# tls: none (every client connects with sslmode=disable)"
+  fi
   for t in $TARGETS; do echo "# target $t port=${PORT[$t]} cpu_pid=${CPU_PID[$t]:-'(postgres tree)'}"; done
   for w in $WORKLOADS; do
-    echo "# workload $w: pgbench -n ${WL[$w]} -T $DURATION"
+    echo "# workload $w: pgbench -n ${WL[$w]} -T $DURATION (sslmode=$(wl_sslmode "$w"))"
     for t in $TARGETS; do
       [ -n "${WL_FOR[$w/$t]:-}" ] && echo "#   ($t runs: pgbench -n ${WL_FOR[$w/$t]} -T $DURATION)"
+      if [ "$t" = direct ] && [ "$(wl_clients "$(wl_args "$w" "$t")")" -gt "$DIRECT_MAX_CLIENTS" ]; then
+        echo "#   (direct skipped: more clients than max_connections leaves free)"
+      fi
     done
   done
 } | tee "$OUTDIR/header.txt"
@@ -404,12 +492,20 @@ sys_sample() {  # busy ticks, context switches of the machine
 ms() { echo "scale=3; $1/1000" | bc -l | sed 's/^\./0./'; }
 
 RUNS_TSV=$OUTDIR/runs.tsv
-printf 'workload\ttarget\tround\tpgbench_args\ttps\tlat_avg_ms\tp50_ms\tp99_ms\tp999_ms\tn_tx\tfailed_tx\taborted_clients\trc\tproxy_user_s\tproxy_sys_s\tproxy_vcs\tproxy_nvcs\tpg_cpu_s\tpgbench_cpu_s\tsys_busy_s\tsys_ctxt\twall_s\tproxy_alive\tfirst_error\n' >"$RUNS_TSV"
+printf 'workload\ttarget\tround\tpgbench_args\ttps\tlat_avg_ms\tp50_ms\tp99_ms\tp999_ms\tn_tx\tfailed_tx\taborted_clients\trc\tproxy_user_s\tproxy_sys_s\tproxy_vcs\tproxy_nvcs\tpg_cpu_s\tpgbench_cpu_s\tsys_busy_s\tsys_ctxt\twall_s\tproxy_alive\tfirst_error\tlat_pct_ms\tskipped\n' >"$RUNS_TSV"
 
 run_one() {  # run_one WORKLOAD TARGET ROUND
   local w=$1 t=$2 r=$3 port=${PORT[$2]} tag="$1_$2_r$3"
-  local args=${WL_FOR[$w/$t]:-${WL[$w]}}
+  local args; args=$(wl_args "$w" "$t")
   local out=$OUTDIR/logs/pgbench/$tag.out err=$OUTDIR/logs/pgbench/$tag.err tf=$TMP/$tag.time logp=$TMP/txlog/$tag
+  local sslmode; sslmode=$(wl_sslmode "$w")
+  if [ "$t" = direct ] && [ "$(wl_clients "$args")" -gt "$DIRECT_MAX_CLIENTS" ]; then
+    local why="max_connections $MAX_CONNECTIONS leaves $DIRECT_MAX_CLIENTS clients"
+    printf '%s\t%s\t%s\t%s\tNA\tNA\tNA\tNA\tNA\t0\tNA\t0\tNA\tNA\tNA\tNA\tNA\tNA\tNA\tNA\tNA\tNA\t-\t-\t-\t%s\n' \
+      "$w" "$t" "$r" "$args" "$why" >>"$RUNS_TSV"
+    printf '%-16s %-14s r%-2s skipped (%s)\n' "$w" "$t" "$r" "$why"
+    return 0
+  fi
   if [[ " $args " != *" -S "* ]]; then   # write workload: same starting point for every run
     timeout 300 psql -X -q -h "$TMP/sock" -p "$PGPORT" -U postgres -d bench -v ON_ERROR_STOP=1 \
       -c "VACUUM pgbench_branches, pgbench_tellers, pgbench_accounts" -c "TRUNCATE pgbench_history" -c "CHECKPOINT" \
@@ -419,7 +515,7 @@ run_one() {  # run_one WORKLOAD TARGET ROUND
   [ -n "$pp" ] && { read -r u0 s0 < <(proc_ut_st "$pp"); read -r v0 n0 < <(proc_cs "$pp"); }
   g0=$(pg_tree_ticks "$PG_PM"); read -r b0 x0 < <(sys_sample); t0=$(date +%s.%N)
   # shellcheck disable=SC2086
-  { TIMEFORMAT='%U %S'; time timeout $((DURATION + 120)) \
+  { TIMEFORMAT='%U %S'; time PGSSLMODE=$sslmode timeout $((DURATION + 120)) \
       pgbench -h 127.0.0.1 -p "$port" -U bench -n $args -T "$DURATION" \
               --log --log-prefix="$logp" bench >"$out" 2>"$err" ; } 2>"$tf"
   local rc=$?
@@ -433,28 +529,34 @@ run_one() {  # run_one WORKLOAD TARGET ROUND
       if [ "$t" = pgbouncer ]; then log_tail pgbouncer "$TMP/pgbouncer.log"; else log_tail "$t" "$TMP/$t.log"; fi
     fi
   fi
-  local tps lat ntx failed aborted e pct
+  local tps lat ntx failed aborted e pct p50 p99 p999 pctl
   tps=$(grep -oP '^tps = \K[0-9.]+' "$out" | head -1)
   lat=$(grep -oP '^latency average = \K[0-9.]+' "$out" | head -1)
   ntx=$(grep -oP '^number of transactions actually processed: \K[0-9]+' "$out" | head -1)
   failed=$(grep -oP '^number of failed transactions: \K[0-9]+' "$out" | head -1)
   aborted=$(grep -c 'aborted in command\|aborted while' "$err")
   e=$(grep -m1 -E 'ERROR|FATAL|error:|aborted' "$err" | tr '\t' ' ' | cut -c1-200)
-  # field 3 of pgbench's per-transaction log = latency in microseconds
+  # field 3 of pgbench's per-transaction log = latency in microseconds. Nearest-rank percentiles: p50, p99,
+  # p99.9 for the tables, and every PCT_POINTS quantile plus max as "p1=0.123;...;max=9.870" (ms) for the chart.
   pct=$(cat "$logp".* 2>/dev/null | awk '$3 ~ /^[0-9]+$/ { print $3 }' | sort -n -S 128M |
-        awk 'function at(q,  i) { i=int(NR*q); if (i<NR*q) i++; if (i<1) i=1; return a[i]/1000 }
-             { a[NR]=$1 } END { if (NR==0) { print "NA NA NA"; exit }
-                                printf "%.3f %.3f %.3f\n", at(0.50), at(0.99), at(0.999) }')
+        awk -v pts="$PCT_POINTS" '
+             function at(q,  i) { i=int(NR*q); if (i<NR*q) i++; if (i<1) i=1; return a[i]/1000 }
+             { a[NR]=$1 }
+             END { if (NR==0) { print "NA NA NA -"; exit }
+                   n=split(pts, P, " "); s=""
+                   for (k=1; k<=n; k++) { split(P[k], kv, "="); s=s sprintf("%s=%.3f;", kv[1], at(kv[2]+0)) }
+                   printf "%.3f %.3f %.3f %smax=%.3f\n", at(0.50), at(0.99), at(0.999), s, a[NR]/1000 }')
+  read -r p50 p99 p999 pctl <<<"${pct:-NA NA NA -}"
   [ "$KEEP_LOGS" = 1 ] && mkdir -p "$OUTDIR/txlog" && mv "$logp".* "$OUTDIR/txlog/" 2>/dev/null
   rm -f "$logp".*
   local ptime; ptime=$(awk '{ printf "%.2f", $1+$2 }' "$tf" 2>/dev/null)
-  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%.2f\t%.2f\t%s\t%s\t%.2f\t%s\t%.2f\t%s\t%.3f\t%s\t%s\n' \
-    "$w" "$t" "$r" "$args" "${tps:-NA}" "${lat:-NA}" ${pct:-NA NA NA} "${ntx:-0}" "${failed:-NA}" "$aborted" "$rc" \
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%.2f\t%.2f\t%s\t%s\t%.2f\t%s\t%.2f\t%s\t%.3f\t%s\t%s\t%s\t-\n' \
+    "$w" "$t" "$r" "$args" "${tps:-NA}" "${lat:-NA}" "$p50" "$p99" "$p999" "${ntx:-0}" "${failed:-NA}" "$aborted" "$rc" \
     "$(echo "($u1-$u0)/$HZ" | bc -l)" "$(echo "($s1-$s0)/$HZ" | bc -l)" "$((v1 - v0))" "$((n1 - n0))" \
     "$(echo "($g1-$g0)/$HZ" | bc -l)" "${ptime:-NA}" "$(echo "($b1-$b0)/$HZ" | bc -l)" "$((x1 - x0))" \
-    "$(echo "$t1-$t0" | bc -l)" "$alive" "${e:--}" >>"$RUNS_TSV"
+    "$(echo "$t1-$t0" | bc -l)" "$alive" "${e:--}" "$pctl" >>"$RUNS_TSV"
   printf '%-16s %-14s r%-2s tps=%-9s lat=%-7s p99=%-7s fail=%-4s abort=%-3s rc=%s %s\n' \
-    "$w" "$t" "$r" "${tps:-NA}" "${lat:-NA}" "$(echo "${pct:-NA NA NA}" | cut -d' ' -f2)" "${failed:-NA}" "$aborted" "$rc" \
+    "$w" "$t" "$r" "${tps:-NA}" "${lat:-NA}" "$p99" "${failed:-NA}" "$aborted" "$rc" \
     "$( [ -n "$e" ] && echo "first error: $e")"
 }
 

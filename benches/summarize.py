@@ -3,14 +3,17 @@
 
 Usage: summarize.py RESULTS_DIR [--noise FRAC]
 
-Reads RESULTS_DIR/runs.tsv (and header.txt), writes RESULTS_DIR/runs.jsonl, summary.txt and
-summary.md, and prints summary.txt.
+Reads RESULTS_DIR/runs.tsv (and header.txt), writes RESULTS_DIR/runs.jsonl, summary.txt,
+summary.md and latency.svg (latency percentile curves per workload; needs the lat_pct_ms column
+that run.sh writes since the chart was added), and prints summary.txt.
 """
 import csv
 import json
+import math
 import os
 import statistics as st
 import sys
+from xml.sax.saxutils import escape
 
 NOISE_FRAC = 0.10
 ORDER = ['direct', 'pgbouncer', 'pgrelay', 'pgrelay-noobs']
@@ -35,13 +38,29 @@ def fmt(x, p=1):
     return '-' if x is None else f'{x:,.{p}f}'
 
 
+def parse_pcts(text):
+    """'p1=0.120;...;max=9.800' -> {'p1': 0.12, ..., 'max': 9.8}; {} when absent (older results dirs)."""
+    out = {}
+    for part in (text or '').split(';'):
+        k, _, v = part.partition('=')
+        if k and num(v) is not None:
+            out[k] = num(v)
+    return out
+
+
 def load(d):
     rows = list(csv.DictReader(open(os.path.join(d, 'runs.tsv')), delimiter='\t'))
     for r in rows:
         for k in NUMERIC:
             r[k] = num(r.get(k))
         r['round'] = int(r['round'])
+        r['lat_pct_ms'] = parse_pcts(r.get('lat_pct_ms'))
+        r['skipped'] = r.get('skipped') or '-'
     return rows
+
+
+def skipped(r):
+    return r['skipped'] not in ('-', '')
 
 
 def is_proxy(r):
@@ -63,6 +82,8 @@ def noisy(r, ncpu, frac):
 
 
 def bad(r):
+    if skipped(r):
+        return False
     return (r['rc'] != 0 or (r['aborted_clients'] or 0) > 0 or (r['failed_tx'] or 0) > 0
             or r.get('proxy_alive') == 'no' or r['tps'] is None)
 
@@ -73,6 +94,163 @@ def per_tx(r, v):
 
 def per_tx_n(r, v):
     return v / r['n_tx'] if r['n_tx'] and v is not None else None
+
+
+# ---------- latency chart ----------
+
+PCT_ORDER = ['p1', 'p5', 'p10', 'p25', 'p50', 'p75', 'p90', 'p95', 'p99', 'p99.5', 'p99.9', 'p99.99']
+COLOURS = {'direct': '#6b6b6b', 'pgbouncer': '#1f6fb4', 'pgrelay': '#e07b00', 'pgrelay-noobs': '#2a9d4a'}
+X_MAX = 4.0      # p99.99 on the -log10(1 - q) axis
+X_OF_MAX = 4.7   # where the max point is drawn, past p99.99
+
+
+def pct_x(name):
+    """Position on the percentile axis: -log10(1 - q), so p90 = 1, p99 = 2, p99.9 = 3, p99.99 = 4."""
+    if name == 'max':
+        return X_OF_MAX
+    return -math.log10(1 - float(name[1:]) / 100)
+
+
+def pct_curves(by_t):
+    """target -> {percentile name: median over that target's rounds}, for targets whose runs have percentiles."""
+    curves = {}
+    for t, rs in by_t.items():
+        runs = [r['lat_pct_ms'] for r in rs if r['lat_pct_ms']]
+        if runs:
+            curves[t] = {k: med([p.get(k) for p in runs]) for k in PCT_ORDER + ['max']}
+            curves[t] = {k: v for k, v in curves[t].items() if v is not None and v > 0}
+    return {t: c for t, c in curves.items() if c}
+
+
+def nice_ticks(lo, hi):
+    """1-2-5 ticks covering [lo, hi] (log axis)."""
+    ticks = []
+    e = math.floor(math.log10(lo))
+    while True:
+        for m in (1, 2, 5):
+            v = m * 10 ** e
+            if v > hi * 1.0001:
+                return ticks
+            if v >= lo * 0.9999:
+                ticks.append(v)
+        e += 1
+
+
+def tick_label(v):
+    return f'{v:g}' if v >= 0.001 else f'{v:.0e}'
+
+
+def panel_svg(x0, y0, w, h, title, subtitle, series, notes):
+    """One workload: series = [(target, [curve per round], median curve)], curves are {percentile: ms}."""
+    left, right, top, bottom = 58, 14, 40, 72   # legend and notes go under the x axis, clear of the curves
+    pw, ph = w - left - right, h - top - bottom
+    vals = [v for _, rounds, m in series for c in rounds + [m] for v in c.values()]
+    out = [f'<g transform="translate({x0},{y0})">',
+           f'<text x="{left}" y="16" font-size="14" font-weight="bold">{escape(title)}</text>',
+           f'<text x="{left}" y="31" font-size="11" fill="#555">{escape(subtitle)}</text>']
+    if not vals:
+        out.append(f'<text x="{left + 10}" y="{top + ph / 2}" font-size="12" fill="#888">no latency data</text></g>')
+        return '\n'.join(out)
+    lo, hi = min(vals), max(vals)
+    lo_l, hi_l = math.log10(lo), math.log10(hi)
+    if hi_l - lo_l < 0.5:
+        mid = (hi_l + lo_l) / 2
+        lo_l, hi_l = mid - 0.25, mid + 0.25
+    pad = (hi_l - lo_l) * 0.05
+    lo_l, hi_l = lo_l - pad, hi_l + pad
+
+    def px(name):
+        return left + pct_x(name) / X_OF_MAX * pw
+
+    def py(v):
+        return top + ph - (math.log10(v) - lo_l) / (hi_l - lo_l) * ph
+
+    out.append(f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="#fcfcfc" stroke="#999"/>')
+    for v in nice_ticks(10 ** lo_l, 10 ** hi_l):
+        y = py(v)
+        out.append(f'<line x1="{left}" y1="{y:.1f}" x2="{left + pw}" y2="{y:.1f}" stroke="#e3e3e3"/>')
+        out.append(f'<text x="{left - 5}" y="{y + 4:.1f}" font-size="10" text-anchor="end">{tick_label(v)}</text>')
+    for name, label in (('p50', '50'), ('p90', '90'), ('p99', '99'), ('p99.9', '99.9'), ('p99.99', '99.99'),
+                        ('max', 'max')):
+        x = px(name)
+        out.append(f'<line x1="{x:.1f}" y1="{top}" x2="{x:.1f}" y2="{top + ph}" stroke="#e3e3e3"/>')
+        out.append(f'<text x="{x:.1f}" y="{top + ph + 14}" font-size="10" text-anchor="middle">{label}</text>')
+    out.append(f'<text x="{left + pw / 2}" y="{top + ph + 28}" font-size="11" text-anchor="middle">percentile</text>')
+    out.append(f'<text x="14" y="{top + ph / 2}" font-size="11" text-anchor="middle" '
+               f'transform="rotate(-90 14 {top + ph / 2})">latency ms (log)</text>')
+
+    def path(c):
+        pts = [(px(k), py(c[k])) for k in PCT_ORDER if k in c]
+        d = 'M' + ' L'.join(f'{x:.1f},{y:.1f}' for x, y in pts)
+        tail = ''
+        if 'max' in c and pts:
+            tail = f'M{pts[-1][0]:.1f},{pts[-1][1]:.1f} L{px("max"):.1f},{py(c["max"]):.1f}'
+        return d, tail
+
+    for t, rounds, m in series:
+        col = COLOURS.get(t, '#8e44ad')
+        for c in rounds:
+            d, tail = path(c)
+            out.append(f'<path d="{d} {tail}" fill="none" stroke="{col}" stroke-width="0.8" stroke-opacity="0.35"/>')
+        d, tail = path(m)
+        out.append(f'<path d="{d}" fill="none" stroke="{col}" stroke-width="2"/>')
+        if tail:
+            out.append(f'<path d="{tail}" fill="none" stroke="{col}" stroke-width="1.5" stroke-dasharray="4 3"/>')
+        for k in PCT_ORDER + ['max']:
+            if k in m:
+                out.append(f'<circle cx="{px(k):.1f}" cy="{py(m[k]):.1f}" r="2.2" fill="{col}">'
+                           f'<title>{escape(t)} {k}: {m[k]:.3f} ms</title></circle>')
+    lx, ly = left, top + ph + 44
+    for t, _, m in series:
+        col = COLOURS.get(t, '#8e44ad')
+        label = f'{t} (p99 {m["p99"]:.3g} ms)' if 'p99' in m else t
+        out.append(f'<line x1="{lx}" y1="{ly - 4}" x2="{lx + 18}" y2="{ly - 4}" stroke="{col}" stroke-width="2"/>')
+        out.append(f'<text x="{lx + 22}" y="{ly}" font-size="10">{escape(label)}</text>')
+        lx += 30 + 6 * len(label)
+    for n in notes:
+        ly += 14
+        out.append(f'<text x="{left}" y="{ly}" font-size="10" fill="#888">{escape(n)}</text>')
+    out.append('</g>')
+    return '\n'.join(out)
+
+
+def write_latency_svg(d, rows, workloads, targets):
+    """Writes d/latency.svg (one panel per workload) and returns its name, or None without percentile data."""
+    if not any(r['lat_pct_ms'] for r in rows):
+        return None
+    panels = []
+    for w in workloads:
+        wr = [r for r in rows if r['workload'] == w]
+        series, notes = [], []
+        for t in targets:
+            rs = sorted((r for r in wr if r['target'] == t), key=lambda r: r['round'])
+            if not rs:
+                continue
+            if all(skipped(r) for r in rs):
+                notes.append(f'{t}: n/a ({rs[0]["skipped"]})')
+                continue
+            rounds = [r['lat_pct_ms'] for r in rs if r['lat_pct_ms']]
+            curve = pct_curves({t: rs}).get(t)
+            if curve:
+                series.append((t, rounds, curve))
+        args = sorted(set(r['pgbench_args'] for r in wr))
+        panels.append((w, 'pgbench -n ' + ' | '.join(args), series, notes))
+    cols = 2 if len(panels) > 1 else 1
+    pw, ph = 520, 360
+    nrows = (len(panels) + cols - 1) // cols
+    width, height = cols * pw + 20, nrows * ph + 50
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+           f'viewBox="0 0 {width} {height}" font-family="DejaVu Sans, Helvetica, Arial, sans-serif">',
+           f'<rect width="{width}" height="{height}" fill="white"/>',
+           '<text x="20" y="26" font-size="16" font-weight="bold">Latency percentiles per workload '
+           '(pgbench per-transaction log)</text>',
+           '<text x="20" y="42" font-size="11" fill="#555">x: percentile on a -log10(1 - q) scale; y: latency '
+           'in ms, log scale; thick = median over rounds, thin = single rounds, dashed = p99.99 to max</text>']
+    for i, (w, sub, series, notes) in enumerate(panels):
+        out.append(panel_svg(10 + (i % cols) * pw, 50 + (i // cols) * ph, pw, ph, w, sub, series, notes))
+    out.append('</svg>')
+    open(os.path.join(d, 'latency.svg'), 'w').write('\n'.join(out) + '\n')
+    return 'latency.svg'
 
 
 def summarize(d, frac):
@@ -110,6 +288,7 @@ def summarize(d, frac):
         wr = [r for r in rows if r['workload'] == w]
         by_t = {t: [r for r in wr if r['target'] == t] for t in targets}
         by_t = {t: v for t, v in by_t.items() if v}
+        na = {t: v[0]['skipped'] for t, v in by_t.items() if all(skipped(r) for r in v)}
         use = {t: ([r for r in v if not noisy(r, ncpu, frac)] or v) for t, v in by_t.items()}
 
         def paired(a, b, key='tps', f=lambda r, x: x):
@@ -129,9 +308,14 @@ def summarize(d, frac):
 
         table = []
         stats = {}
-        for t, rs in by_t.items():
+        for t, rs in use.items():
             allr = by_t[t]
+            if t in na:
+                table.append(dict(target=t, args=sorted(set(r['pgbench_args'] for r in allr)), errs=[],
+                                  cells=[t, 'n/a'] + ['n/a' if c in ('tps', 'vs direct') else '-' for c in cols[2:]]))
+                continue
             tps = [r['tps'] for r in rs if r['tps'] is not None]
+            tps_all = [r['tps'] for r in allr if r['tps'] is not None]   # the range shows noisy rounds too
             nbad = sum(1 for r in allr if bad(r))
             proxy_cpu = med([per_tx(r, (r['proxy_user_s'] or 0) + (r['proxy_sys_s'] or 0)) for r in rs]) if is_proxy(rs[0]) else None
             s = dict(
@@ -146,7 +330,7 @@ def summarize(d, frac):
             table.append(dict(
                 target=t, args=args, errs=errs,
                 cells=[t, 'ok' if nbad == 0 else f'BAD {nbad}/{len(allr)}', f'{sum(1 for r in allr if not noisy(r, ncpu, frac))}/{len(allr)}',
-                       fmt(s['tps'], 0), f'{fmt(min(tps), 0) if tps else "-"}-{fmt(max(tps), 0) if tps else "-"}',
+                       fmt(s['tps'], 0), f'{fmt(min(tps_all), 0) if tps_all else "-"}-{fmt(max(tps_all), 0) if tps_all else "-"}',
                        fmt(vd, 3) if t != 'direct' else '1',
                        fmt(med([r['lat_avg_ms'] for r in rs]), 3), fmt(med([r['p50_ms'] for r in rs]), 3),
                        fmt(med([r['p99_ms'] for r in rs]), 3), fmt(med([r['p999_ms'] for r in rs]), 3),
@@ -186,6 +370,8 @@ def summarize(d, frac):
             if a not in stats or b not in stats:
                 return None
             tq, tlo, thi = paired(a, b)
+            if tq is None:
+                return None
             cq = paired(a, b, 'proxy_user_s', lambda r, x: per_tx(r, (r['proxy_user_s'] or 0) + (r['proxy_sys_s'] or 0)))[0] \
                 if a != 'direct' and b != 'direct' else None
             mq = paired(a, b, 'sys_busy_s', lambda r, x: per_tx(r, x))[0]
@@ -206,6 +392,13 @@ def summarize(d, frac):
         for row in table:
             if row['errs']:
                 notes.append(f'{row["target"]} first errors: ' + ' | '.join(e[:160] for e in row['errs'][:3]))
+        for t, why in na.items():
+            notes.append(f'{t}: not run ({why})')
+        curves = pct_curves(by_t)
+        if curves:
+            notes.append('latency ms, median over rounds: ' + '; '.join(
+                f'{t} ' + ' '.join(f'{k}={fmt(c[k], 3)}' for k in ('p50', 'p90', 'p99', 'p99.9', 'p99.99', 'max') if k in c)
+                for t, c in curves.items()))
         if len(args0) > 1:
             notes.append('note: targets ran different pgbench args here (see above); pgbouncer 1.18 cannot run -M prepared '
                          'in transaction mode, so its row is -M extended.')
@@ -214,6 +407,13 @@ def summarize(d, frac):
         md.append('')
         for n in notes:
             md.append(f'- {n}')
+    chart = write_latency_svg(d, rows, workloads, targets)
+    if chart:
+        txt.append('')
+        txt.append(f'latency percentile chart: {chart}')
+        md = ['![latency percentiles per workload and target](latency.svg)', '',
+              '`latency.svg`: per workload, the latency of each target at p1 ... p99.99 and max (log-log; '
+              'thin lines are single rounds, thick lines the median over rounds).', ''] + md
     out = '\n'.join(txt)
     open(os.path.join(d, 'summary.txt'), 'w').write('\n'.join(header) + '\n\n' + out + '\n')
     mdh = ['# pgrelay benchmark run', '', '```'] + [l.lstrip('# ') for l in header] + ['```', '']
