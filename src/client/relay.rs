@@ -129,12 +129,31 @@ struct Observed {
     prepared: Option<Arc<Prepared>>,
 }
 
+/// `Observed::fp` of a simple Query whose fingerprint is worked out after the batch went to the server, off the
+/// latency path (see `fill_fingerprints`). Real fingerprints are kept below it.
+const FP_PENDING: u64 = u64::MAX;
+
+/// A query answered by the server, recorded once its answer has been flushed to the client.
+struct Done {
+    qtype: QueryType,
+    took: Duration,
+    obs: Observed,
+    rows: u64,
+    error: bool,
+    last_error: Option<String>,
+}
+
 /// What the proxy learns from a query text: fingerprint, statement kind, and whether it is a session command.
 #[derive(Clone, Copy, Debug)]
 struct TextInfo {
     fp: u64,
     qtype: QueryType,
     session: bool,
+}
+
+/// The fingerprint of a text, kept clear of 0 (observability off) and `FP_PENDING`.
+fn real_fingerprint(sql: &str) -> u64 {
+    crate::observe::fingerprint::fingerprint(sql).clamp(1, FP_PENDING - 1)
 }
 
 /// A fast 64-bit hash of a query text, eight bytes at a time (for the text cache; collisions only cost a
@@ -210,6 +229,10 @@ pub struct Session {
     seq: u32,
     /// Raw-text hash → what the proxy reads from a query text, so a repeated query is scanned once.
     fp_cache: Vec<(u64, TextInfo)>,
+    /// Ready expectations whose fingerprint is still `FP_PENDING`.
+    fp_pending: usize,
+    /// Queries answered in the current server read, recorded after the answer is flushed.
+    done: Vec<Done>,
     rows: u64,
     last_error: Option<String>,
     /// The clock reading of the last server batch (reused when it ends the transaction).
@@ -262,6 +285,8 @@ impl Session {
             binds: Vec::new(),
             seq: 0,
             fp_cache: Vec::new(),
+            fp_pending: 0,
+            done: Vec::new(),
             rows: 0,
             last_error: None,
             group_exec: false,
@@ -480,6 +505,8 @@ impl Session {
             self.info.idle_in_tx.store(false, Ordering::Relaxed);
             let r = srv.stream.write_all(&self.out).await;
             self.out.clear();
+            // The server is busy with the batch now: fingerprint the new texts meanwhile.
+            self.fill_fingerprints();
             if let Err(e) = r {
                 conn.fatal(sqlstate::CONNECTION_FAILURE, "server connection failed while sending").await;
                 return Err(Error::Server(e));
@@ -501,7 +528,7 @@ impl Session {
                 self.absorbed_unnamed = None;
                 self.absorbed_portal = None;
                 let sql = protocol::query_text(body);
-                let info = self.text_info(sql);
+                let info = self.text_info(sql, self.obs_on);
                 self.cur_qtype = info.qtype;
                 let mut set = None;
                 let mut replaced: Option<String> = None;
@@ -513,6 +540,9 @@ impl Session {
                     }
                 }
                 let obs = if self.obs_on {
+                    if info.fp == FP_PENDING {
+                        self.fp_pending += 1;
+                    }
                     Observed { fp: info.fp, text: self.save_text(sql, &[]), bind: 0, prepared: None }
                 } else {
                     Observed::default()
@@ -536,6 +566,10 @@ impl Session {
                     obs,
                     exec: true,
                 });
+                if self.fp_pending >= RING / 2 {
+                    // A long pipeline would overwrite the texts of pending fingerprints: work them out now.
+                    self.fill_fingerprints();
+                }
             }
             b'P' => {
                 self.open_extended = true;
@@ -548,7 +582,7 @@ impl Session {
                     let mut r = body;
                     let _ = take_cstr(&mut r);
                     let sql = take_cstr(&mut r).unwrap_or("");
-                    let info = self.text_info(sql);
+                    let info = self.text_info(sql, false);
                     self.cur_qtype = info.qtype;
                     if self.obs_on {
                         self.cur = Observed { fp: info.fp, text: self.save_text(sql, r), bind: 0, prepared: None };
@@ -1080,13 +1114,16 @@ impl Session {
                                 }
                                 if !swallow && exec {
                                     let now = *now.get_or_insert_with(Instant::now);
-                                    let d = now.saturating_duration_since(start);
-                                    self.pool.metrics.record_query(qtype, d);
-                                    self.pool.stats.query_count.fetch_add(1, Ordering::Relaxed);
-                                    self.pool.stats.query_time_us.fetch_add(d.as_micros() as u64, Ordering::Relaxed);
-                                    if obs.fp != 0 {
-                                        self.observe_done(srv, obs, d);
-                                    }
+                                    let took = now.saturating_duration_since(start);
+                                    // Recorded after the answer has gone to the client (`record_done`).
+                                    self.done.push(Done {
+                                        qtype,
+                                        took,
+                                        obs,
+                                        rows: self.rows,
+                                        error: self.saw_error,
+                                        last_error: self.last_error.take(),
+                                    });
                                     if let Some(cmd) = set {
                                         if !self.saw_error {
                                             if status == b'I' && self.tx_sets.is_empty() {
@@ -1212,7 +1249,11 @@ impl Session {
         }
         if !conn.wbuf.is_empty() {
             self.pool.stats.bytes_sent.fetch_add(conn.wbuf.len() as u64, Ordering::Relaxed);
-            conn.flush().await?;
+            let r = conn.flush().await;
+            self.record_done(srv);
+            r?;
+        } else {
+            self.record_done(srv);
         }
         if fatal {
             return Err(Error::ServerRefused { code: "FATAL".into(), message: "server sent FATAL".into() });
@@ -1293,7 +1334,7 @@ impl Session {
     }
 
     /// Fingerprint of a query text, normalising each distinct text once per session.
-    fn text_info(&mut self, sql: &str) -> TextInfo {
+    fn text_info(&mut self, sql: &str, defer: bool) -> TextInfo {
         let h = text_hash(sql.as_bytes());
         // Direct-mapped: one slot per hash bucket, the newest text wins. No hashing of the hash, no allocation
         // after the first miss, and texts seen once (literals inlined) cost a slot overwrite, not a map insert.
@@ -1301,16 +1342,44 @@ impl Session {
             self.fp_cache = vec![(0, TextInfo { fp: 0, qtype: QueryType::Other, session: false }); TEXT_CACHE];
         }
         let slot = &mut self.fp_cache[(h as usize) & (TEXT_CACHE - 1)];
-        if slot.0 == h && slot.1.fp != 0 {
+        if slot.0 == h && slot.1.fp != 0 && (defer || slot.1.fp != FP_PENDING) {
             return slot.1;
         }
         let info = TextInfo {
-            fp: crate::observe::fingerprint::fingerprint(sql).max(1),
+            fp: if defer { FP_PENDING } else { real_fingerprint(sql) },
             qtype: query_type(sql),
             session: prepared::classify(sql).is_some(),
         };
         *slot = (h, info);
         info
+    }
+
+    /// Works out the fingerprints left `FP_PENDING` by `forward`, from the texts kept in the ring.
+    fn fill_fingerprints(&mut self) {
+        if self.fp_pending == 0 {
+            return;
+        }
+        self.fp_pending = 0;
+        for e in self.expect.iter_mut() {
+            let Expect::Ready { obs, .. } = e else { continue };
+            if obs.fp != FP_PENDING {
+                continue;
+            }
+            let slot = self.texts.get(obs.text as usize % RING).filter(|s| s.seq == obs.text && obs.text != 0);
+            obs.fp = match slot {
+                Some(slot) => {
+                    let fp = real_fingerprint(&slot.text);
+                    let h = text_hash(slot.text.as_bytes());
+                    if let Some(c) = self.fp_cache.get_mut((h as usize) & (TEXT_CACHE - 1)) {
+                        if c.0 == h {
+                            c.1.fp = fp;
+                        }
+                    }
+                    fp
+                }
+                None => 0,
+            };
+        }
     }
 
     fn next_seq(&mut self) -> u32 {
@@ -1345,10 +1414,31 @@ impl Session {
     }
 
     /// Records a finished query in the per-fingerprint table, and captures it if it was slow.
-    fn observe_done(&mut self, srv: &PooledConn, obs: Observed, d: Duration) {
+    /// Timings, counters and query intelligence for the queries answered in the last server read.
+    fn record_done(&mut self, srv: &PooledConn) {
+        if self.done.is_empty() {
+            return;
+        }
+        let mut done = std::mem::take(&mut self.done);
+        for mut q in done.drain(..) {
+            self.pool.metrics.record_query(q.qtype, q.took);
+            self.pool.stats.query_count.fetch_add(1, Ordering::Relaxed);
+            self.pool.stats.query_time_us.fetch_add(q.took.as_micros() as u64, Ordering::Relaxed);
+            if q.obs.fp == FP_PENDING {
+                // Not filled in (the batch never reached the server in one piece): work it out now.
+                let slot = self.texts.get(q.obs.text as usize % RING).filter(|s| s.seq == q.obs.text);
+                q.obs.fp = slot.map_or(0, |s| real_fingerprint(&s.text));
+            }
+            if q.obs.fp != 0 {
+                self.observe_done(srv, q);
+            }
+        }
+        self.done = done;
+    }
+
+    fn observe_done(&mut self, srv: &PooledConn, q: Done) {
+        let Done { obs, took: d, rows, error, last_error, .. } = q;
         let us = d.as_micros() as u64;
-        let error = self.saw_error;
-        let rows = self.rows;
         let text_slot =
             (obs.text != 0).then(|| self.texts.get(obs.text as usize % RING)).flatten().filter(|s| s.seq == obs.text);
         let text: &str = match (&obs.prepared, text_slot) {
@@ -1407,7 +1497,7 @@ impl Session {
             param_formats,
             redacted,
             rows,
-            error: self.last_error.clone(),
+            error: last_error,
             server: srv.target.to_string(),
         };
         self.observer.slow.push(q);
