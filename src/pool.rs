@@ -241,7 +241,8 @@ impl Pool {
         self.stats.wait_count.fetch_add(1, Ordering::Relaxed);
         self.max_wait_us.fetch_max(us, Ordering::Relaxed);
         self.metrics.record_wait(waited);
-        result.map(|conn| PooledConn { conn: Some(conn), pool: self.clone() })
+        let got_at = if immediate { start } else { start + waited };
+        result.map(|conn| PooledConn { conn: Some(conn), pool: self.clone(), got_at })
     }
 
     fn step(&self, s: &PoolSettings, reserve: bool, now: Instant) -> Step {
@@ -666,6 +667,8 @@ pub struct PoolCounts {
 pub struct PooledConn {
     conn: Option<ServerConn>,
     pool: Arc<Pool>,
+    /// When the checkout ended: the caller's clock reading if no wait was needed.
+    pub got_at: Instant,
 }
 
 impl PooledConn {

@@ -310,8 +310,8 @@ pub fn advisory(sql: &str) -> Option<SessionCommand> {
 
 /// Whether a simple Query could be one of the commands pgrelay answers itself in transaction mode (DEALLOCATE,
 /// DISCARD, PREPARE): a one-byte look at the first keyword, so that every other query skips `classify` there.
-pub fn maybe_local(sql: &str) -> bool {
-    matches!(sql.trim_start().as_bytes().first(), Some(b'd' | b'D' | b'p' | b'P'))
+pub fn maybe_local(sql: &[u8]) -> bool {
+    matches!(sql.trim_ascii_start().first(), Some(b'd' | b'D' | b'p' | b'P'))
 }
 
 fn split_set(rest: &str) -> Option<(String, String)> {
@@ -404,8 +404,8 @@ mod tests {
         assert_eq!(advisory("pg_advisory_lock"), Some(SessionCommand::Pin("session advisory lock")));
         assert_eq!(advisory("x_advisory_loc"), None);
         assert_eq!(advisory("_"), None);
-        assert!(maybe_local(" DEALLOCATE a") && maybe_local("discard all") && maybe_local("prepare p as select 1"));
-        assert!(!maybe_local("select 1") && !maybe_local("") && !maybe_local("  set x = 1"));
+        assert!(maybe_local(b" DEALLOCATE a") && maybe_local(b"discard all") && maybe_local(b"prepare p as select 1"));
+        assert!(!maybe_local(b"select 1") && !maybe_local(b"") && !maybe_local(b"  set x = 1"));
         assert_eq!(classify("create temp table x(a int)"), Some(SessionCommand::Pin("temporary table")));
         assert_eq!(classify("select 1"), None);
         assert_eq!(classify("set a = 1; select 1"), None);

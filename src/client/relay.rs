@@ -156,6 +156,15 @@ fn real_fingerprint(sql: &str) -> u64 {
     crate::observe::fingerprint::fingerprint(sql).clamp(1, FP_PENDING - 1)
 }
 
+/// The text cache's key: the shape key when there is one (texts that differ only in literal values share it, see
+/// `fingerprint::shape_key`), else a hash of the exact text. `true` when it is a shape key.
+fn text_key(sql: &str) -> (u64, bool) {
+    match crate::observe::fingerprint::shape_key(sql) {
+        Some(k) => (k, true),
+        None => (text_hash(sql.as_bytes()) ^ 0x7e57, false),
+    }
+}
+
 /// A fast 64-bit hash of a query text, eight bytes at a time (for the text cache; collisions only cost a
 /// second look because the slot keeps the full hash, and a wrong hit needs a 64-bit collision).
 fn text_hash(b: &[u8]) -> u64 {
@@ -412,7 +421,7 @@ impl Session {
     /// Scans complete client frames, links a server when one is needed, rewrites what must be rewritten and forwards
     /// the batch in one write. `Ok(false)` = the client is done.
     async fn on_client_data(&mut self, conn: &mut ClientConn, server: &mut Option<PooledConn>) -> Result<bool> {
-        let now = Instant::now();
+        let mut now = Instant::now();
         let mut consumed = 0;
         let mut terminate = false;
         self.obs_on = self.observer.enabled();
@@ -469,7 +478,12 @@ impl Session {
                     continue;
                 }
                 match self.link(now).await {
-                    Ok(s) => *server = Some(s),
+                    Ok(s) => {
+                        // Query timings start once a server is at hand: waiting for one is pool wait, counted
+                        // apart (SHOW POOLS maxwait, pgrelay_pool_wait_seconds), as pgBouncer does.
+                        now = s.got_at;
+                        *server = Some(s);
+                    }
                     Err(e) => {
                         conn.rbuf.advance(consumed);
                         self.refuse_batch(conn, &e, &buf_owned(&conn.rbuf)).await?;
@@ -868,10 +882,10 @@ impl Session {
 
     /// Answers DEALLOCATE/DISCARD ALL/PREPARE without a server when nothing is in flight. Returns whether it did.
     fn answer_locally(&mut self, wbuf: &mut BytesMut, body: &[u8], status: u8) -> bool {
-        let sql = protocol::query_text(body);
-        if !prepared::maybe_local(sql) {
+        if !prepared::maybe_local(body) {
             return false;
         }
+        let sql = protocol::query_text(body);
         let (tag, err) = match prepared::classify(sql) {
             Some(SessionCommand::Deallocate(name)) => {
                 if self.statements.remove(&name).is_none() {
@@ -949,6 +963,7 @@ impl Session {
                 return Err(e);
             }
         };
+        let now = srv.got_at;
         if let Some(sql) = settings_sync(&srv, &self.params) {
             protocol::query(&mut self.out, &sql);
             self.expect.push_back(Expect::Ready {
@@ -1335,7 +1350,7 @@ impl Session {
 
     /// Fingerprint of a query text, normalising each distinct text once per session.
     fn text_info(&mut self, sql: &str, defer: bool) -> TextInfo {
-        let h = text_hash(sql.as_bytes());
+        let (h, by_shape) = text_key(sql);
         // Direct-mapped: one slot per hash bucket, the newest text wins. No hashing of the hash, no allocation
         // after the first miss, and texts seen once (literals inlined) cost a slot overwrite, not a map insert.
         if self.fp_cache.is_empty() {
@@ -1343,6 +1358,10 @@ impl Session {
         }
         let slot = &mut self.fp_cache[(h as usize) & (TEXT_CACHE - 1)];
         if slot.0 == h && slot.1.fp != 0 && (defer || slot.1.fp != FP_PENDING) {
+            if by_shape {
+                // Fingerprint and statement kind follow from the shape; a session command may hide in a literal.
+                return TextInfo { session: prepared::classify(sql).is_some(), ..slot.1 };
+            }
             return slot.1;
         }
         let info = TextInfo {
@@ -1369,7 +1388,7 @@ impl Session {
             obs.fp = match slot {
                 Some(slot) => {
                     let fp = real_fingerprint(&slot.text);
-                    let h = text_hash(slot.text.as_bytes());
+                    let (h, _) = text_key(&slot.text);
                     if let Some(c) = self.fp_cache.get_mut((h as usize) & (TEXT_CACHE - 1)) {
                         if c.0 == h {
                             c.1.fp = fp;

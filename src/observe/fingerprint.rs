@@ -126,6 +126,109 @@ pub fn normalize(sql: &str, out: &mut String) -> u64 {
     fmix64(sink.hash.h)
 }
 
+/// A cheap key for caching fingerprints: texts with equal keys have equal fingerprints and equal `query_type`s.
+///
+/// The key hashes every byte except the digits of plain numbers and the contents of plain `'...'` strings, which the
+/// normaliser turns into placeholders whatever they hold. So `... WHERE aid = 12345` and `... WHERE aid = 777` share
+/// a key, and a text seen once with inline literals costs one pass over its bytes instead of a normalisation.
+/// Texts the rule can't vouch for get `None` (the caller normalises them): comments, `$` outside an identifier
+/// (dollar quotes), and prefixed strings (`E'..'`, `B'..'`, `X'..'`, `N'..'`, `U&'..'`). A digit run is only skipped
+/// when no identifier character sits on either side of it and no `.` follows (so `0x1F`, `1_000`, `1e5`, `t1` are
+/// hashed as written).
+pub fn shape_key(sql: &str) -> Option<u64> {
+    let b = sql.as_bytes();
+    let n = b.len();
+    let mut h: u64 = 0x5eed_0000;
+    let mut i = 0;
+    loop {
+        // A run of bytes hashed as written, eight at a time.
+        let seg = i;
+        while i < n && SHAPE_PLAIN[b[i] as usize] {
+            i += 1;
+        }
+        h = hash_segment(h, &b[seg..i]);
+        if i >= n {
+            break;
+        }
+        let c = b[i];
+        let prev_ident = i > 0 && is_ident_cont(b[i - 1]);
+        match c {
+            b'0'..=b'9' => {
+                let mut j = i + 1;
+                while j < n && b[j].is_ascii_digit() {
+                    j += 1;
+                }
+                let next = if j < n { b[j] } else { b' ' };
+                h = if prev_ident || is_ident_cont(next) || next == b'.' {
+                    hash_segment(h, &b[i..j])
+                } else {
+                    mix_byte(h, b'#')
+                };
+                i = j;
+            }
+            b'\'' => {
+                if prev_ident || (i > 0 && b[i - 1] == b'&') {
+                    return None;
+                }
+                let end = memchr::memchr(b'\'', &b[i + 1..])? + i + 1;
+                h = mix_byte(h, b'\'');
+                i = end + 1;
+            }
+            b'"' => {
+                let end = memchr::memchr(b'"', &b[i + 1..])? + i + 1;
+                h = hash_segment(mix_byte(h, b'"'), &b[i + 1..end]);
+                i = end + 1;
+            }
+            b'-' | b'/' => {
+                let next = if i + 1 < n { b[i + 1] } else { 0 };
+                if (c == b'-' && next == b'-') || (c == b'/' && next == b'*') {
+                    return None;
+                }
+                h = mix_byte(h, c);
+                i += 1;
+            }
+            _ => return None, // `$`
+        }
+    }
+    Some(fmix64(h))
+}
+
+/// Bytes `shape_key` hashes as written without a second look: everything but digits, quotes, `$`, `-` and `/`.
+static SHAPE_PLAIN: [bool; 256] = {
+    let mut t = [true; 256];
+    let mut d = b'0';
+    while d <= b'9' {
+        t[d as usize] = false;
+        d += 1;
+    }
+    t[b'\'' as usize] = false;
+    t[b'"' as usize] = false;
+    t[b'$' as usize] = false;
+    t[b'-' as usize] = false;
+    t[b'/' as usize] = false;
+    t
+};
+
+#[inline]
+fn mix_byte(h: u64, c: u8) -> u64 {
+    (h ^ u64::from(c) ^ 0x100).wrapping_mul(0x9e37_79b9_7f4a_7c15).rotate_left(27)
+}
+
+#[inline]
+fn hash_segment(mut h: u64, seg: &[u8]) -> u64 {
+    const K: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut chunks = seg.chunks_exact(8);
+    for c in &mut chunks {
+        let w = u64::from_le_bytes(c.try_into().expect("8 bytes"));
+        h = (h ^ w).wrapping_mul(K).rotate_left(31);
+    }
+    let rest = chunks.remainder();
+    let mut tail = [0u8; 8];
+    tail[..rest.len()].copy_from_slice(rest);
+    // The length goes in too, so that segment boundaries (and zero bytes) are part of the key.
+    (h ^ u64::from_le_bytes(tail) ^ ((seg.len() as u64) << 56)).wrapping_mul(K).rotate_left(29)
+}
+
 /// Fingerprint only (no text), same value as normalize() returns; must not allocate.
 pub fn fingerprint(sql: &str) -> u64 {
     let mut sink = HashSink::new();
@@ -798,6 +901,81 @@ fn run<S: Sink>(sql: &str, sink: &mut S) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shape_key_agrees_with_fingerprint() {
+        // (a, b, same key expected)
+        let cases = [
+            (
+                "SELECT abalance FROM pgbench_accounts WHERE aid = 12345;",
+                "SELECT abalance FROM pgbench_accounts WHERE aid = 7;",
+                true,
+            ),
+            ("select * from t where a = 'x' and b = 15", "select * from t where a = 'yy z' and b = 250", true),
+            ("select 1.5", "select 2.5", false),
+            ("select * from t where a in (1, 2, 3)", "select * from t where a in (4, 5, 6)", true),
+            ("select * from t where a = -5", "select * from t where a = -77", true),
+            ("insert into t values (1, 'a'), (2, 'b')", "insert into t values (3, 'c'), (4, 'd')", true),
+            ("select 0x1F", "select 1x1F", false),
+            ("select 1_000", "select 2_000", false),
+            ("select 1e5", "select 2e5", false),
+            ("select c1 from t1", "select c2 from t2", false),
+            ("select \"a'1\" from t", "select \"a'2\" from t", false),
+            ("select 1 from t where x = 'a' ", "select 1 from t where x = 'a'", false),
+        ];
+        for (a, b, same) in cases {
+            let (ka, kb) = (shape_key(a), shape_key(b));
+            assert!(ka.is_some() && kb.is_some(), "{a} / {b}");
+            assert_eq!(ka == kb, same, "{a} / {b}");
+            if same {
+                assert_eq!(fingerprint(a), fingerprint(b), "{a} / {b}");
+                assert_eq!(query_type(a), query_type(b), "{a} / {b}");
+            }
+        }
+        for bail in [
+            "select 1 -- c",
+            "/* x */ select 1",
+            "select $$a$$",
+            "select $1",
+            "select E'a\\'b'",
+            "select B'101'",
+            "select x'1f'",
+            "select U&'d!0061t'",
+            "select 'unterminated",
+        ] {
+            assert_eq!(shape_key(bail), None, "{bail}");
+        }
+    }
+
+    /// Random texts built from literal-bearing pieces: whenever two share a shape key they share a fingerprint.
+    #[test]
+    fn shape_key_never_merges_different_fingerprints() {
+        let pieces = [
+            "select ", "a", "b1", " from ", "t", " where ", "x", " = ", "1", "22", "-3", "4.5", ".6", "7e8", "0x9",
+            "1_0", "'s'", "'t''u'", "\"Q1\"", "\"q'\"", " in (", ", ", ")", " and ", "::int", "[", "]", ";", "(", " ",
+            "e", "E", "_", "&", "+", "-", "*", ".",
+        ];
+        let mut seed: u64 = 0x1234_5678;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let mut by_key: std::collections::HashMap<u64, (String, u64)> = std::collections::HashMap::new();
+        for _ in 0..200_000 {
+            let len = 1 + (next() % 8) as usize;
+            let mut q = String::new();
+            for _ in 0..len {
+                q.push_str(pieces[(next() % pieces.len() as u64) as usize]);
+            }
+            if let Some(k) = shape_key(&q) {
+                let fp = fingerprint(&q);
+                let e = by_key.entry(k).or_insert_with(|| (q.clone(), fp));
+                assert_eq!(e.1, fp, "{:?} and {:?} share a shape key", e.0, q);
+            }
+        }
+    }
 
     fn norm(sql: &str) -> String {
         let mut out = String::new();
