@@ -398,6 +398,10 @@ async fn janitor(shared: Arc<Shared>) {
         }
         n += 1;
         client_timeouts(&shared);
+        let now = Instant::now();
+        for p in shared.pools.iter() {
+            p.expire_waiters(now);
+        }
         if n.is_multiple_of(10) {
             for p in shared.pools.iter() {
                 p.janitor();

@@ -55,11 +55,14 @@ enum Grant {
     Conn(ServerConn),
     /// Room to open a new connection (someone closed one).
     Slot,
+    /// The waiter's deadline passed (query_wait_timeout): sent by `expire_waiters`.
+    Expired,
 }
 
 struct Waiter {
     tx: oneshot::Sender<Grant>,
     since: Instant,
+    deadline: Option<Instant>,
 }
 
 /// What SHOW SERVERS lists about a connection.
@@ -190,7 +193,7 @@ impl Pool {
         let mut may_use_reserve = settings.reserve_pool_size > 0 && reserve_after.is_zero();
         let mut waiting = false;
         let result = loop {
-            let step = self.step(&settings, may_use_reserve, start);
+            let step = self.step(&settings, may_use_reserve, start, deadline);
             match step {
                 Step::Got(conn) => match self.prepare_idle(conn, start).await {
                     Some(conn) => break Ok(conn),
@@ -211,17 +214,20 @@ impl Pool {
                     }
                     let reserve_at =
                         (settings.reserve_pool_size > 0 && !may_use_reserve).then(|| start + reserve_after);
-                    let grant = tokio::select! {
-                        g = rx => g.ok(),
-                        _ = sleep_until_opt(deadline) => {
-                            break Err(Error::Timeout("query_wait_timeout"));
-                        }
-                        _ = sleep_until_opt(reserve_at) => {
-                            may_use_reserve = true;
-                            None
-                        }
+                    // The deadline is enforced by `expire_waiters` (run by the janitor every 100 ms), so a wait costs
+                    // no timer; only a pending reserve pool needs one.
+                    let grant = match reserve_at {
+                        None => rx.await.ok(),
+                        Some(at) => tokio::select! {
+                            g = rx => g.ok(),
+                            _ = tokio::time::sleep_until(at.into()) => {
+                                may_use_reserve = true;
+                                None
+                            }
+                        },
                     };
                     match grant {
+                        Some(Grant::Expired) => break Err(Error::Timeout("query_wait_timeout")),
                         Some(Grant::Conn(conn)) => match self.prepare_idle(conn, Instant::now()).await {
                             Some(conn) => break Ok(conn),
                             None => continue,
@@ -245,7 +251,7 @@ impl Pool {
         result.map(|conn| PooledConn { conn: Some(conn), pool: self.clone(), got_at })
     }
 
-    fn step(&self, s: &PoolSettings, reserve: bool, now: Instant) -> Step {
+    fn step(&self, s: &PoolSettings, reserve: bool, now: Instant, deadline: Option<Instant>) -> Step {
         let mut g = self.inner.lock();
         // Idle connections only exist while nobody waits (checkin hands them straight to the queue), so taking one
         // never overtakes a queued client.
@@ -269,7 +275,7 @@ impl Pool {
         if g.waiters.len() > 64 && g.waiters.len().is_power_of_two() {
             g.waiters.retain(|w| !w.tx.is_closed());
         }
-        g.waiters.push_back(Waiter { tx, since: Instant::now() });
+        g.waiters.push_back(Waiter { tx, since: now, deadline });
         Step::Wait(rx)
     }
 
@@ -480,6 +486,22 @@ impl Pool {
         Ok(conn)
     }
 
+    /// Tells waiters whose deadline has passed (query_wait_timeout) to give up. Called by the janitor.
+    pub fn expire_waiters(&self, now: Instant) {
+        let mut g = self.inner.lock();
+        if !g.waiters.iter().any(|w| w.deadline.is_some_and(|d| d <= now)) {
+            return;
+        }
+        let queue = std::mem::take(&mut g.waiters);
+        for w in queue {
+            if w.deadline.is_some_and(|d| d <= now) {
+                let _ = w.tx.send(Grant::Expired);
+            } else if !w.tx.is_closed() {
+                g.waiters.push_back(w);
+            }
+        }
+    }
+
     /// A slot counted in `total` is free again: hand it to the first live waiter, or shrink.
     fn give_back_slot(&self) {
         let cap = self.cap();
@@ -545,7 +567,7 @@ impl Pool {
             match w.tx.send(Grant::Conn(conn)) {
                 Ok(()) => return,
                 Err(Grant::Conn(c)) => conn = c,
-                Err(Grant::Slot) => unreachable!("send returns the value it was given"),
+                Err(Grant::Slot | Grant::Expired) => unreachable!("send returns the value it was given"),
             }
         }
         g.idle.push(conn);
