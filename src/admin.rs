@@ -157,6 +157,15 @@ async fn run_command(shared: &Arc<Shared>, conn: &mut ClientConn, sql: &str, is_
             match shared.reload() {
                 Ok(diff) => {
                     info!(changes = diff.changes.len(), "config reloaded from admin console");
+                    for k in &diff.restart {
+                        protocol::notice_response(
+                            &mut conn.wbuf,
+                            "55000",
+                            &format!(
+                                "{k} changed in the file but needs a restart to take effect; the running value stays"
+                            ),
+                        );
+                    }
                     protocol::command_complete(&mut conn.wbuf, "RELOAD");
                 }
                 Err(e) => error(conn, sqlstate::INTERNAL, &format!("reload failed, old config kept: {e}")),

@@ -282,7 +282,30 @@ async fn broken_config_keeps_the_old_one_and_counts_the_failure() {
     assert!(text.contains("~ proxy.default_pool_size: 5 -> 6"), "{text}");
     assert!(text.contains("proxy.listen") && text.contains("(needs restart)"), "{text}");
     std::fs::write(relay.config_path(), &moved).unwrap();
-    relay.psql("pgrelay", "admin", "pgrelay", "RELOAD").unwrap();
+    // The admin console's RELOAD says which changed keys wait for a restart (a NOTICE, on psql's stderr).
+    let out = std::process::Command::new("psql")
+        .args([
+            "-X",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &relay.port.to_string(),
+            "-U",
+            "pgrelay",
+            "-d",
+            "pgrelay",
+            "-c",
+            "RELOAD",
+        ])
+        .env("PGPASSWORD", "admin")
+        .output()
+        .expect("psql not found: apt-get install -y postgresql-client");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("NOTICE") && stderr.contains("proxy.listen") && stderr.contains("needs a restart"),
+        "{stderr}"
+    );
     assert!(relay.log().contains("changed key needs a restart"), "{}", relay.log());
     assert_eq!(config_value(&relay, "proxy.default_pool_size"), "6");
     assert_eq!(config_value(&relay, "proxy.listen"), format!("127.0.0.1:{}", relay.port));
