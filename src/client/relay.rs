@@ -1325,6 +1325,11 @@ impl Session {
             }
             skipped.extend(self.expect.pop_front());
         }
+        if self.expect.is_empty() {
+            // The Sync has not arrived yet (a pipeline sent in pieces): the server skips the rest up to it, so the
+            // proxy must too, or it answers for skipped messages and records statements the server never prepared.
+            self.skip_until_sync = true;
+        }
         // Undo in reverse order, so a skipped Close-then-Parse of one name ends with the name as it was.
         for e in skipped.into_iter().rev() {
             match e {

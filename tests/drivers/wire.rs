@@ -184,6 +184,10 @@ impl Wire {
         self.msg(b'S', &[]);
     }
 
+    pub fn flush(&mut self) {
+        self.msg(b'H', &[]);
+    }
+
     pub fn query(&mut self, sql: &str) {
         let mut b = sql.as_bytes().to_vec();
         b.push(0);
@@ -198,6 +202,16 @@ impl Wire {
     /// Sends what is buffered and reads replies until `readies` ReadyForQuery messages have arrived.
     pub async fn roundtrip(&mut self, readies: usize) -> Vec<Reply> {
         self.send().await;
+        self.replies(readies, false).await
+    }
+
+    /// Sends what is buffered and reads replies up to the first ErrorResponse (a pipeline not yet ended by a Sync).
+    pub async fn until_error(&mut self) -> Vec<Reply> {
+        self.send().await;
+        self.replies(usize::MAX, true).await
+    }
+
+    async fn replies(&mut self, readies: usize, until_error: bool) -> Vec<Reply> {
         let mut replies = Vec::new();
         let mut seen = 0;
         while seen < readies {
@@ -270,7 +284,11 @@ impl Wire {
                 }
                 _ => continue, // NoticeResponse, ParameterStatus
             };
+            let stop = until_error && matches!(r, Reply::Error(_));
             replies.push(r);
+            if stop {
+                break;
+            }
         }
         replies
     }
