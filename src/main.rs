@@ -130,7 +130,7 @@ fn run(path: &std::path::Path) -> ExitCode {
     };
     // One worker: a current-thread runtime (no work-stealing machinery, no cross-thread wake-ups: the accept
     // loop, every session and the I/O driver share one thread). More workers: the multi-thread scheduler.
-    let built = if workers == 1 && std::env::var_os("PGRELAY_MT").is_none() {
+    let built = if workers == 1 {
         tokio::runtime::Builder::new_current_thread().enable_all().build()
     } else {
         tokio::runtime::Builder::new_multi_thread().worker_threads(workers).enable_all().build()
