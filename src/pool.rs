@@ -100,7 +100,7 @@ pub struct Pool {
     /// Set when the pool's database is removed by a reload: connections close as they come back.
     pub retired: AtomicBool,
     /// The parameters the first server reported, replayed to clients at login.
-    pub server_params: Mutex<Option<Vec<(String, String)>>>,
+    pub server_params: Mutex<Option<Arc<Vec<(String, String)>>>>,
     pub max_wait_us: AtomicU64,
     /// Content hash → version of statements whose server copies went stale (see `prepared::from_parse`).
     stmt_versions: Mutex<std::collections::HashMap<u64, u32>>,
@@ -480,7 +480,7 @@ impl Pool {
         {
             let mut p = self.server_params.lock();
             if p.is_none() {
-                *p = Some(conn.params.clone());
+                *p = Some(Arc::new(conn.params.clone()));
             }
         }
         Ok(conn)

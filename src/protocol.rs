@@ -228,7 +228,11 @@ pub fn authentication(buf: &mut BytesMut, a: pgwire::messages::startup::Authenti
 
 /// Appends ParameterStatus.
 pub fn parameter_status(buf: &mut BytesMut, name: &str, value: &str) {
-    put(buf, pgwire::messages::startup::ParameterStatus::new(name.into(), value.into()));
+    // Written in place: a login sends a dozen of these, and building pgwire messages costs two Strings each.
+    buf.put_u8(b'S');
+    buf.put_i32((4 + name.len() + 1 + value.len() + 1) as i32);
+    put_cstr(buf, name);
+    put_cstr(buf, value);
 }
 
 /// Appends BackendKeyData.

@@ -177,7 +177,7 @@ pub async fn serve(shared: Arc<Shared>, socket: TcpStream, addr: SocketAddr) {
                 let deadline = shared.config.load().proxy.query_wait_timeout.get().map(|d| Instant::now() + d);
                 match pool.checkout(deadline).await {
                     Ok(c) => {
-                        let p = c.params.clone();
+                        let p = Arc::new(c.params.clone());
                         c.release();
                         p
                     }
