@@ -65,6 +65,9 @@ struct Waiter {
     deadline: Option<Instant>,
 }
 
+/// The parameters a server reported at login (ParameterStatus), shared by every client greeting.
+pub type ServerParams = Arc<Vec<(String, String)>>;
+
 /// What SHOW SERVERS lists about a connection.
 #[derive(Clone, Debug)]
 pub struct ServerMeta {
@@ -100,7 +103,7 @@ pub struct Pool {
     /// Set when the pool's database is removed by a reload: connections close as they come back.
     pub retired: AtomicBool,
     /// The parameters the first server reported, replayed to clients at login.
-    pub server_params: Mutex<Option<Arc<Vec<(String, String)>>>>,
+    pub server_params: Mutex<Option<ServerParams>>,
     pub max_wait_us: AtomicU64,
     /// Content hash → version of statements whose server copies went stale (see `prepared::from_parse`).
     stmt_versions: Mutex<std::collections::HashMap<u64, u32>>,
