@@ -228,7 +228,8 @@ as_pg_bg() { cd "$TMP" && exec setpriv --reuid=postgres --regid=postgres --init-
 USED_PORTS=" "
 free_port() {
   local p
-  for p in $(shuf -i 20000-45000 -n 300); do
+  # Below the ephemeral range (32768+), where thousands of benchmark client sockets would collide.
+  for p in $(shuf -i 20000-32000 -n 300); do
     [[ "$USED_PORTS" == *" $p "* ]] && continue
     if [ -z "$(ss -Hltn "sport = :$p" 2>/dev/null)" ]; then USED_PORTS+="$p "; echo "$p"; return 0; fi
   done
