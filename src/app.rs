@@ -250,12 +250,7 @@ fn accept(
     addr: SocketAddr,
     run_dir: Option<Arc<RunDir>>,
 ) {
-    let max = {
-        let cfg = shared.config.load();
-        // TCP_NODELAY (answers go out as soon as they are written) and tcp_keepalive*, as on server sockets.
-        crate::server::configure_tcp(&sock, &cfg.proxy);
-        cfg.proxy.max_client_conn
-    };
+    let max = shared.config.load().proxy.max_client_conn;
     let n = shared.client_count.fetch_add(1, Ordering::AcqRel);
     let shared = shared.clone();
     if n >= max {

@@ -36,6 +36,24 @@ async fn psql_and_tokio_postgres_simple_and_extended() {
     c.batch_execute("do $$ begin raise notice 'hello'; end $$").await.unwrap();
 }
 
+/// Client sockets get tcp_keepalive like server sockets (and TCP_NODELAY, which `ss` does not show): the kernel's
+/// keepalive timer on pgrelay's side of the client connection runs with the configured idle time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_sockets_get_tcp_keepalive() {
+    let pg = Pg::start();
+    let relay = Relay::start(&pg, "tcp_keepalive = true\ntcp_keepidle = 77", "");
+    let c = relay.connect().await;
+    assert_eq!(c.query_one("select 1::int4", &[]).await.unwrap().get::<_, i32>(0), 1);
+    let out = std::process::Command::new("ss")
+        .args(["-tnoH", "state", "established", &format!("( sport = :{} )", relay.port)])
+        .output()
+        .expect("ss not found: apt-get install -y iproute2");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("keepalive"), "no keepalive timer on pgrelay's client socket: {text}");
+    // The timer counts down from tcp_keepidle (77 s: "1min16sec"), not the kernel default (7200 s).
+    assert!(text.contains("keepalive,1min"), "keepalive timer not from tcp_keepidle: {text}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_clients_exact_counters_in_transaction_mode() {
     let pg = Pg::start();
