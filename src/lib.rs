@@ -8,6 +8,7 @@
 //! - [`routing`]: where each database lives (static host or Patroni leader).
 //! - [`state`]: the `Arc<Shared>` handed to every task.
 //! - [`tls`]: rustls acceptor (towards clients, reloadable) and connector (towards PostgreSQL).
+//! - [`uds`]: Unix-socket streams to PostgreSQL, watched for readability only (no wake-up per consumed query).
 //! - [`config`], [`error`], [`observe`]: leaves anyone may use.
 
 pub mod admin;
@@ -27,3 +28,4 @@ pub mod routing;
 pub mod server;
 pub mod state;
 pub mod tls;
+pub mod uds;

@@ -38,7 +38,8 @@ impl std::fmt::Display for Target {
 /// A byte stream to a server.
 pub enum ServerStream {
     Tcp(TcpStream),
-    Unix(UnixStream),
+    /// Watched for readability only (`crate::uds`).
+    Unix(crate::uds::UdsStream),
     Tls(Box<crate::tls::WriteThrough<tokio_rustls::client::TlsStream<TcpStream>>>),
 }
 
@@ -139,7 +140,7 @@ impl ServerConn {
     ) -> Result<ServerConn> {
         let (stream, local_port) = if target.is_unix() {
             let path = format!("{}/.s.PGSQL.{}", target.host.trim_end_matches('/'), target.port);
-            (ServerStream::Unix(UnixStream::connect(path).await.map_err(Error::Server)?), 0)
+            (ServerStream::Unix(crate::uds::UdsStream::connect(path.as_ref()).await.map_err(Error::Server)?), 0)
         } else {
             let s = TcpStream::connect((target.host.as_str(), target.port)).await.map_err(Error::Server)?;
             configure_tcp(&s, proxy);

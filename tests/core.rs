@@ -36,6 +36,59 @@ async fn psql_and_tokio_postgres_simple_and_extended() {
     c.batch_execute("do $$ begin raise notice 'hello'; end $$").await.unwrap();
 }
 
+/// PostgreSQL over its Unix socket (`host = "/dir"`, what pgBouncer users run on one host): queries, a pipeline of
+/// transactions from several clients with exact counts, a COPY IN big enough that writes to the server have to
+/// wait for room in the socket buffer, and a COPY OUT of it all back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_over_its_unix_socket() {
+    let pg = Pg::start();
+    pg.psql("create table u(id int, pad text)");
+    let tail = format!(
+        "[databases.unixdb]\nhost = \"{}\"\nport = {}\ndbname = \"postgres\"\npool_size = 4",
+        pg.socket_dir().display(),
+        pg.port
+    );
+    let relay = Relay::start(&pg, "", &tail);
+    assert_eq!(relay.psql("postgres", PASSWORD, "unixdb", "select 40 + 2").unwrap(), "42");
+    let url = relay.url("postgres", PASSWORD).replace("dbname=postgres", "dbname=unixdb");
+    let mut tasks = Vec::new();
+    for c in 0..8 {
+        let url = url.clone();
+        tasks.push(tokio::spawn(async move {
+            let cl = connect(&url).await;
+            for i in 0..50 {
+                cl.batch_execute(&format!("begin; insert into u values ({}, 'x'); commit", c * 1000 + i))
+                    .await
+                    .unwrap();
+                let n: i64 =
+                    cl.query_one("select count(*) from u where id = $1", &[&(c * 1000 + i)]).await.unwrap().get(0);
+                assert_eq!(n, 1);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    // ~24 MB through COPY: the proxy writes to the server faster than it takes them.
+    let file = relay.dir.path().join("copy.tsv");
+    let pad = "p".repeat(100);
+    let body: String = (0..200_000).map(|i| format!("{}\t{pad}\n", 100_000 + i)).collect();
+    std::fs::write(&file, body).unwrap();
+    relay.psql("postgres", PASSWORD, "unixdb", &format!("\\copy u from '{}'", file.display())).unwrap();
+    assert_eq!(pg.psql("select count(*), sum(length(pad)) from u where id >= 100000"), "200000|20000000");
+    let out = relay.dir.path().join("out.tsv");
+    relay
+        .psql(
+            "postgres",
+            PASSWORD,
+            "unixdb",
+            &format!("\\copy (select * from u where id >= 100000 order by id) to '{}'", out.display()),
+        )
+        .unwrap();
+    assert_eq!(std::fs::read(&out).unwrap().len(), std::fs::read(&file).unwrap().len());
+    assert_eq!(pg.psql("select count(*) from u where id < 100000"), "400");
+}
+
 /// Client sockets get tcp_keepalive like server sockets (and TCP_NODELAY, which `ss` does not show): the kernel's
 /// keepalive timer on pgrelay's side of the client connection runs with the configured idle time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
