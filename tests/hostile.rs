@@ -120,6 +120,11 @@ fn startup_packets_with_silly_lengths() {
     let mut s = connect(relay.port);
     s.write_all(&[0, 0, 0, 8, 0x12, 0x34, 0x56, 0x78]).unwrap();
     assert!(error_or_close(&mut s).contains("unsupported frontend protocol"));
+    // A direct TLS ClientHello (PostgreSQL 17 sslnegotiation=direct) while TLS is not configured: closed, logged.
+    let mut s = connect(relay.port);
+    s.write_all(&[0x16, 0x03, 0x01, 0x00, 0x05, 0x01, 0x00, 0x00, 0x01, 0x00]).unwrap();
+    assert_eq!(error_or_close(&mut s), "", "a TLS record must get a close, not an answer");
+    assert!(relay.log().contains("direct TLS handshake but TLS is not configured"), "{}", relay.log());
     still_serving(&mut relay);
 }
 

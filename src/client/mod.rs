@@ -238,19 +238,16 @@ async fn negotiate_encryption(shared: &Shared, mut conn: ClientConn) -> Result<O
     loop {
         // 1. Direct TLS (PostgreSQL 17 sslnegotiation=direct) starts with a handshake record where a packet
         //    length would be; peek so rustls gets the ClientHello from the socket untouched.
-        if !ssl_seen && !gss_seen {
-            if let ClientStream::Tcp(tcp) = &conn.stream {
-                let mut first = [0u8; 1];
-                if tcp.peek(&mut first).await.map_err(Error::Client)? == 0 {
-                    return Err(Error::Client(std::io::ErrorKind::UnexpectedEof.into()));
-                }
-                if first[0] == 0x16 {
-                    let Some(acceptor) = acceptor else {
-                        info!(client = %conn.addr, "direct TLS handshake but TLS is not configured: closing");
-                        return Ok(None);
-                    };
-                    return upgrade(conn, &acceptor, true).await;
-                }
+        //    Without TLS configured there is nothing to hand the socket to: the first read below sees the 0x16 and
+        //    closes, and a plaintext login saves the peek's syscall.
+        if let (false, false, Some(acceptor), ClientStream::Tcp(tcp)) = (ssl_seen, gss_seen, &acceptor, &conn.stream) {
+            let mut first = [0u8; 1];
+            if tcp.peek(&mut first).await.map_err(Error::Client)? == 0 {
+                return Err(Error::Client(std::io::ErrorKind::UnexpectedEof.into()));
+            }
+            if first[0] == 0x16 {
+                let acceptor = acceptor.clone();
+                return upgrade(conn, &acceptor, true).await;
             }
         }
         // 2. Look at the next packet without consuming it unless it is an encryption request.
@@ -260,6 +257,10 @@ async fn negotiate_encryption(shared: &Shared, mut conn: ClientConn) -> Result<O
                 if conn.stream.read_buf(&mut conn.rbuf).await.map_err(Error::Client)? == 0 {
                     return Err(Error::Client(std::io::ErrorKind::UnexpectedEof.into()));
                 }
+            }
+            if want == 4 && conn.rbuf[0] == 0x16 && acceptor.is_none() && !ssl_seen && !gss_seen {
+                info!(client = %conn.addr, "direct TLS handshake but TLS is not configured: closing");
+                return Ok(None);
             }
             if conn.rbuf[..4] != 8u32.to_be_bytes() {
                 return Ok(Some(conn));
