@@ -161,24 +161,13 @@ fn real_fingerprint(sql: &str) -> u64 {
 fn text_key(sql: &str) -> (u64, bool) {
     match crate::observe::fingerprint::shape_key(sql) {
         Some(k) => (k, true),
-        None => (text_hash(sql.as_bytes()) ^ 0x7e57, false),
+        None => (crate::observe::fingerprint::hash_segment(0x7e57, sql.as_bytes()), false),
     }
 }
 
-/// A fast 64-bit hash of a query text, eight bytes at a time (for the text cache; collisions only cost a
-/// second look because the slot keeps the full hash, and a wrong hit needs a 64-bit collision).
-fn text_hash(b: &[u8]) -> u64 {
-    const K: u64 = 0x9e37_79b9_7f4a_7c15;
-    let mut h: u64 = (b.len() as u64).wrapping_mul(K);
-    let mut chunks = b.chunks_exact(8);
-    for c in &mut chunks {
-        let w = u64::from_le_bytes(c.try_into().expect("8 bytes"));
-        h = (h ^ w).wrapping_mul(K).rotate_left(29);
-    }
-    let mut tail = [0u8; 8];
-    tail[..chunks.remainder().len()].copy_from_slice(chunks.remainder());
-    h = (h ^ u64::from_le_bytes(tail)).wrapping_mul(K);
-    h ^ (h >> 32)
+/// The saved text with sequence number `seq`, if the ring still holds it (0 = none was saved).
+fn text_slot(texts: &[TextSlot], seq: u32) -> Option<&TextSlot> {
+    (seq != 0).then(|| texts.get(seq as usize % RING)).flatten().filter(|s| s.seq == seq)
 }
 
 /// Slots of the per-session query-text cache (a power of two).
@@ -1389,7 +1378,7 @@ impl Session {
             if obs.fp != FP_PENDING {
                 continue;
             }
-            let slot = self.texts.get(obs.text as usize % RING).filter(|s| s.seq == obs.text && obs.text != 0);
+            let slot = text_slot(&self.texts, obs.text);
             obs.fp = match slot {
                 Some(slot) => {
                     let fp = real_fingerprint(&slot.text);
@@ -1450,8 +1439,7 @@ impl Session {
             self.pool.stats.query_time_us.fetch_add(q.took.as_micros() as u64, Ordering::Relaxed);
             if q.obs.fp == FP_PENDING {
                 // Not filled in (the batch never reached the server in one piece): work it out now.
-                let slot = self.texts.get(q.obs.text as usize % RING).filter(|s| s.seq == q.obs.text);
-                q.obs.fp = slot.map_or(0, |s| real_fingerprint(&s.text));
+                q.obs.fp = text_slot(&self.texts, q.obs.text).map_or(0, |s| real_fingerprint(&s.text));
             }
             if q.obs.fp != 0 {
                 self.observe_done(srv, q);
@@ -1463,8 +1451,7 @@ impl Session {
     fn observe_done(&mut self, srv: &PooledConn, q: Done) {
         let Done { obs, took: d, rows, error, last_error, .. } = q;
         let us = d.as_micros() as u64;
-        let text_slot =
-            (obs.text != 0).then(|| self.texts.get(obs.text as usize % RING)).flatten().filter(|s| s.seq == obs.text);
+        let text_slot = text_slot(&self.texts, obs.text);
         let text: &str = match (&obs.prepared, text_slot) {
             (Some(p), _) => &p.query,
             (None, Some(slot)) => &slot.text,

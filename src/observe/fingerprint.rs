@@ -214,8 +214,9 @@ fn mix_byte(h: u64, c: u8) -> u64 {
     (h ^ u64::from(c) ^ 0x100).wrapping_mul(0x9e37_79b9_7f4a_7c15).rotate_left(27)
 }
 
+/// Word-at-a-time hash of a byte run, continuing from `h` (also the text cache's hash of exact texts).
 #[inline]
-fn hash_segment(mut h: u64, seg: &[u8]) -> u64 {
+pub fn hash_segment(mut h: u64, seg: &[u8]) -> u64 {
     const K: u64 = 0x9e37_79b9_7f4a_7c15;
     let mut chunks = seg.chunks_exact(8);
     for c in &mut chunks {
