@@ -79,6 +79,8 @@ pub struct ServerMeta {
 
 #[derive(Default)]
 struct Inner {
+    // Boxed on purpose: connections move in and out of this list on every transaction.
+    #[allow(clippy::vec_box)]
     idle: Vec<Box<ServerConn>>,
     /// Connections open or being opened, idle or not.
     total: usize,
