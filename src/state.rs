@@ -76,7 +76,7 @@ pub struct ClientInfo {
     pub query_start_us: AtomicU64,
     /// Set when the server is idle inside a transaction, waiting for this client.
     pub idle_in_tx: AtomicBool,
-    pub kill: Notify,
+    pub kill: KillSignal,
     pub kill_reason: Mutex<Option<(&'static str, String)>>,
     pub tls: bool,
 }
@@ -97,7 +97,42 @@ impl ClientInfo {
     /// Asks the session to end with an error (`code`, `message`).
     pub fn kill(&self, code: &'static str, message: String) {
         *self.kill_reason.lock() = Some((code, message));
-        self.kill.notify_one();
+        self.kill.fire();
+    }
+}
+
+/// The "end this session" signal of one client: set by [`ClientInfo::kill`], polled by the session each time it
+/// waits for data. Polling it takes no lock (a `Notify` takes its waiter-list mutex on every poll, and a session polls
+/// once or twice per message).
+#[derive(Default)]
+pub struct KillSignal {
+    fired: AtomicBool,
+    waker: atomic_waker::AtomicWaker,
+}
+
+impl KillSignal {
+    /// Raises the signal and wakes the session.
+    pub fn fire(&self) {
+        self.fired.store(true, Ordering::Release);
+        self.waker.wake();
+    }
+
+    /// Ready once per `fire` (taking the signal down again), else registers the task to be woken.
+    pub fn poll_fired(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        if self.take() {
+            return std::task::Poll::Ready(());
+        }
+        self.waker.register(cx.waker());
+        // A fire between the first check and the registration would otherwise be missed until the next wake-up.
+        if self.take() {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    }
+
+    fn take(&self) -> bool {
+        self.fired.load(Ordering::Acquire) && self.fired.swap(false, Ordering::AcqRel)
     }
 }
 

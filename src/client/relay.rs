@@ -149,6 +149,9 @@ struct TextInfo {
     fp: u64,
     qtype: QueryType,
     session: bool,
+    /// The text has a quoted string, and texts of its shape differ in those strings: a shape-cache hit must look
+    /// at the text again for a session command (an advisory-lock call can hide in a literal).
+    quoted: bool,
 }
 
 /// The fingerprint of a text, kept clear of 0 (observability off) and `FP_PENDING`.
@@ -306,23 +309,20 @@ impl Session {
     pub async fn run(mut self, conn: &mut ClientConn) -> Result<()> {
         let mut server: Option<PooledConn> = None;
         let info = self.info.clone();
-        let kill = info.kill.notified();
-        tokio::pin!(kill);
-        kill.as_mut().enable();
         let result = loop {
             let ev = match server.as_mut() {
                 Some(srv) => {
                     let s: &mut crate::server::ServerConn = srv;
                     tokio::select! {
                         biased;
-                        _ = &mut kill => Event::Kill,
+                        _ = std::future::poll_fn(|cx| info.kill.poll_fired(cx)) => Event::Kill,
                         r = s.stream.read_buf(&mut s.rbuf) => Event::Server(r),
                         r = conn.stream.read_buf(&mut conn.rbuf) => Event::Client(r),
                     }
                 }
                 None => tokio::select! {
                     biased;
-                    _ = &mut kill => Event::Kill,
+                    _ = std::future::poll_fn(|cx| info.kill.poll_fired(cx)) => Event::Kill,
                     r = conn.stream.read_buf(&mut conn.rbuf) => Event::Client(r),
                 },
             };
@@ -382,8 +382,6 @@ impl Session {
                     let at_boundary = code == sqlstate::ADMIN_SHUTDOWN && msg.contains("shutting down");
                     if at_boundary && server.is_some() {
                         self.close_at_boundary = Some((code, msg));
-                        kill.set(info.kill.notified());
-                        kill.as_mut().enable();
                         continue;
                     }
                     conn.fatal(code, &msg).await;
@@ -1348,11 +1346,12 @@ impl Session {
         // Direct-mapped: one slot per hash bucket, the newest text wins. No hashing of the hash, no allocation
         // after the first miss, and texts seen once (literals inlined) cost a slot overwrite, not a map insert.
         if self.fp_cache.is_empty() {
-            self.fp_cache = vec![(0, TextInfo { fp: 0, qtype: QueryType::Other, session: false }); TEXT_CACHE];
+            self.fp_cache =
+                vec![(0, TextInfo { fp: 0, qtype: QueryType::Other, session: false, quoted: false }); TEXT_CACHE];
         }
         let slot = &mut self.fp_cache[(h as usize) & (TEXT_CACHE - 1)];
         if slot.0 == h && slot.1.fp != 0 && (defer || slot.1.fp != FP_PENDING) {
-            if by_shape {
+            if by_shape && slot.1.quoted {
                 // Fingerprint and statement kind follow from the shape; a session command may hide in a literal.
                 return TextInfo { session: prepared::classify(sql).is_some(), ..slot.1 };
             }
@@ -1362,6 +1361,7 @@ impl Session {
             fp: if defer { FP_PENDING } else { real_fingerprint(sql) },
             qtype: query_type(sql),
             session: prepared::classify(sql).is_some(),
+            quoted: by_shape && memchr::memchr(b'\'', sql.as_bytes()).is_some(),
         };
         *slot = (h, info);
         info

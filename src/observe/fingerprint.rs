@@ -143,7 +143,20 @@ pub fn shape_key(sql: &str) -> Option<u64> {
     loop {
         // A run of bytes hashed as written, eight at a time.
         let seg = i;
-        while i < n && SHAPE_PLAIN[b[i] as usize] {
+        loop {
+            if i + 8 <= n {
+                let m = stop_candidates(u64::from_le_bytes(b[i..i + 8].try_into().expect("8 bytes")));
+                if m == 0 {
+                    i += 8;
+                    continue;
+                }
+                i += (m.trailing_zeros() / 8) as usize;
+            } else if i >= n {
+                break;
+            }
+            if !SHAPE_PLAIN[b[i] as usize] {
+                break;
+            }
             i += 1;
         }
         h = hash_segment(h, &b[seg..i]);
@@ -208,6 +221,19 @@ static SHAPE_PLAIN: [bool; 256] = {
     t[b'/' as usize] = false;
     t
 };
+
+/// The bytes of a little-endian word that might stop a plain run: a mask with the high bit set in every byte within
+/// 0x22..=0x39, the range that holds every byte `SHAPE_PLAIN` rejects (along with a few plain ones such as `(` and
+/// `,`). Zero means eight plain bytes at once. No byte can carry into its neighbour: the sums stay below 0x100.
+#[inline]
+fn stop_candidates(w: u64) -> u64 {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGHS: u64 = 0x8080_8080_8080_8080;
+    let low = w & !HIGHS;
+    let at_least = (low + ONES * (0x80 - 0x22)) & HIGHS;
+    let below = !(low + ONES * (0x80 - 0x3a)) & HIGHS;
+    at_least & below & !w
+}
 
 #[inline]
 fn mix_byte(h: u64, c: u8) -> u64 {
@@ -901,6 +927,28 @@ fn run<S: Sink>(sql: &str, sink: &mut S) {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn stop_candidates_cover_every_byte_a_plain_run_stops_at() {
+        for c in 0..=255u8 {
+            for pos in 0..8 {
+                let mut bytes = [b'a'; 8];
+                bytes[pos] = c;
+                let m = super::stop_candidates(u64::from_le_bytes(bytes));
+                let in_range = (0x22..=0x39).contains(&c);
+                assert_eq!(m != 0, in_range, "byte {c:#x} at {pos}");
+                if in_range {
+                    assert_eq!(m.trailing_zeros() / 8, pos as u32);
+                }
+                if !super::SHAPE_PLAIN[c as usize] {
+                    assert!(in_range, "byte {c:#x} stops a run but is outside the word check");
+                }
+            }
+        }
+        // Several candidates: the first one (lowest address) is found.
+        let m = super::stop_candidates(u64::from_le_bytes(*b"ab1c'd9e"));
+        assert_eq!(m.trailing_zeros() / 8, 2);
+    }
+
     use super::*;
 
     #[test]
