@@ -254,10 +254,24 @@ pub fn parse_param_types(mut types: &[u8]) -> Vec<u32> {
 
 /// Rows from a CommandComplete tag ("SELECT 5", "INSERT 0 3", "UPDATE 2").
 pub fn tag_rows(body: &[u8]) -> u64 {
-    let end = body.iter().position(|&b| b == 0).unwrap_or(body.len());
+    let end = memchr::memchr(0, body).unwrap_or(body.len());
     let tag = &body[..end];
-    let start = tag.iter().rposition(|&b| b == b' ').map(|i| i + 1).unwrap_or(tag.len());
-    std::str::from_utf8(&tag[start..]).ok().and_then(|n| n.parse().ok()).unwrap_or(0)
+    let start = memchr::memrchr(b' ', tag).map_or(tag.len(), |i| i + 1);
+    let digits = &tag[start..];
+    if digits.is_empty() {
+        return 0;
+    }
+    let mut n: u64 = 0;
+    for &d in digits {
+        if !d.is_ascii_digit() {
+            return 0;
+        }
+        match n.checked_mul(10).and_then(|n| n.checked_add(u64::from(d - b'0'))) {
+            Some(v) => n = v,
+            None => return 0,
+        }
+    }
+    n
 }
 
 /// Text form of a binary value of a common scalar type.
@@ -317,5 +331,21 @@ pub(crate) mod alloc_count {
         let before = COUNT.with(|c| c.get());
         let r = f();
         (COUNT.with(|c| c.get()) - before, r)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::tag_rows;
+
+    #[test]
+    fn row_counts_from_command_tags() {
+        assert_eq!(tag_rows(b"SELECT 1\0"), 1);
+        assert_eq!(tag_rows(b"INSERT 0 25\0"), 25);
+        assert_eq!(tag_rows(b"UPDATE 18446744073709551615\0"), u64::MAX);
+        assert_eq!(tag_rows(b"COPY 3"), 3);
+        for no_count in [&b"BEGIN\0"[..], b"SELECT \0", b"UPDATE 12x\0", b"UPDATE 18446744073709551616\0", b"\0", b""] {
+            assert_eq!(tag_rows(no_count), 0, "{:?}", String::from_utf8_lossy(no_count));
+        }
     }
 }
