@@ -162,7 +162,12 @@ fn real_fingerprint(sql: &str) -> u64 {
 /// The text cache's key: the shape key when there is one (texts that differ only in literal values share it, see
 /// `fingerprint::shape_key`), else a hash of the exact text. `true` when it is a shape key.
 fn text_key(sql: &str) -> (u64, bool) {
-    match crate::observe::fingerprint::shape_key(sql) {
+    // `shape_key` gives up at a `$` (parameters of the extended protocol, dollar quotes) after scanning up to it.
+    let shape = match memchr::memchr(b'$', sql.as_bytes()) {
+        Some(_) => None,
+        None => crate::observe::fingerprint::shape_key(sql),
+    };
+    match shape {
         Some(k) => (k, true),
         None => (crate::observe::fingerprint::hash_segment(0x7e57, sql.as_bytes()), false),
     }
