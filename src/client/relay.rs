@@ -1551,6 +1551,10 @@ fn client_stmt_name(close_body: &[u8]) -> Option<String> {
 
 /// The SET/RESET statement that makes a server's settings match a client's, if any differ.
 fn settings_sync(srv: &crate::server::ServerConn, wanted: &[(String, String)]) -> Option<String> {
+    // The common case: the server's last client (or this one) had the same settings, applied in the same order.
+    if srv.applied.as_slice() == wanted {
+        return None;
+    }
     let mut sql = String::new();
     for (k, v) in wanted {
         let applied = srv.applied.iter().find(|(n, _)| n.eq_ignore_ascii_case(k));
