@@ -316,13 +316,32 @@ impl ServerCertVerifier for ChainOnly {
     }
 }
 
+/// A TLS stream that can tell whether it still holds encrypted bytes for the socket.
+pub trait PendingTls {
+    /// True while records made from earlier writes wait for the socket.
+    fn has_pending_output(&self) -> bool;
+}
+
+impl PendingTls for tokio_rustls::server::TlsStream<TcpStream> {
+    fn has_pending_output(&self) -> bool {
+        self.get_ref().1.wants_write()
+    }
+}
+
+impl PendingTls for tokio_rustls::client::TlsStream<TcpStream> {
+    fn has_pending_output(&self) -> bool {
+        self.get_ref().1.wants_write()
+    }
+}
+
 /// A TLS stream whose writes complete only once the encrypted bytes reached the socket.
 ///
 /// tokio-rustls accepts plaintext and may keep the records it made from it buffered when the socket would
 /// block, expecting a `flush()`. The relay writes with `write_all` and then waits for the other side, so a
 /// record left in the buffer would stall the session. This wrapper reports a write as done only after the
 /// flush finished; if the flush is pending it remembers the count and reports it on the retry (`write_all`
-/// retries with the same buffer).
+/// retries with the same buffer). tokio-rustls' `poll_write` already sends every record the socket takes, so
+/// the flushes around it run only when rustls still holds output (one `wants_write()` check each otherwise).
 pub struct WriteThrough<S> {
     pub inner: S,
     unacked: Option<usize>,
@@ -341,7 +360,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for WriteThrough<S> {
     }
 }
 
-impl<S: AsyncWrite + Unpin> AsyncWrite for WriteThrough<S> {
+impl<S: AsyncWrite + PendingTls + Unpin> AsyncWrite for WriteThrough<S> {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         if let Some(n) = this.unacked {
@@ -349,8 +368,13 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for WriteThrough<S> {
             this.unacked = None;
             return Poll::Ready(Ok(n.min(buf.len())));
         }
-        ready!(Pin::new(&mut this.inner).poll_flush(cx))?;
+        if this.inner.has_pending_output() {
+            ready!(Pin::new(&mut this.inner).poll_flush(cx))?;
+        }
         let n = ready!(Pin::new(&mut this.inner).poll_write(cx, buf))?;
+        if !this.inner.has_pending_output() {
+            return Poll::Ready(Ok(n));
+        }
         match Pin::new(&mut this.inner).poll_flush(cx) {
             Poll::Ready(Ok(())) => Poll::Ready(Ok(n)),
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
@@ -362,7 +386,12 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for WriteThrough<S> {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+        let this = self.get_mut();
+        // TCP has no flush of its own: with no record held back there is nothing to do.
+        if !this.inner.has_pending_output() {
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.inner).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

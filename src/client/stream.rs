@@ -42,7 +42,17 @@ impl AsyncRead for ClientStream {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             ClientStream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
-            ClientStream::Tls(s) => Pin::new(&mut s.io).poll_read(cx, buf),
+            ClientStream::Tls(s) => {
+                // The relay polls the client on every turn of its loop, mostly when nothing arrived. With no
+                // plaintext buffered, rustls wants socket data, and tokio-rustls would find the socket not
+                // ready only after setting up a read through its adapters: ask the socket first. Pending here
+                // registers the same waker the failed read would have.
+                let (tcp, tls) = s.io.inner.get_ref();
+                if tls.wants_read() && tcp.poll_read_ready(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                Pin::new(&mut s.io).poll_read(cx, buf)
+            }
         }
     }
 }
