@@ -4,11 +4,9 @@
 mod queue;
 
 use std::collections::HashMap;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll, Waker};
+use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
@@ -53,7 +51,7 @@ pub struct PoolStats {
     pub clients: AtomicI64,
 }
 
-use queue::{Grant, Ticket, WaitQueue};
+use queue::{Grant, Ticket, Turn, WaitQueue};
 
 /// The parameters a server reported at login (ParameterStatus), shared by every client greeting.
 pub type ServerParams = Arc<Vec<(String, String)>>;
@@ -190,48 +188,6 @@ enum Step {
     Connect,
     /// Queued; a reserve connection may be opened at the instant given, if still waiting.
     Wait(Ticket, Option<Instant>),
-}
-
-/// A queued checkout waiting for its grant. Dropping it leaves the queue, passing on a grant that arrived meanwhile.
-struct Turn<'a> {
-    pool: &'a Pool,
-    ticket: Option<Ticket>,
-    /// Set until the first poll. `step` queued the ticket with the waker of the very poll that then awaits the
-    /// Turn, so that first poll has nothing to check: a grant that arrived in between has already woken the task,
-    /// which polls again.
-    fresh: bool,
-}
-
-impl Future for Turn<'_> {
-    type Output = Grant;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Grant> {
-        let this = self.get_mut();
-        if std::mem::take(&mut this.fresh) {
-            return Poll::Pending;
-        }
-        let t = this.ticket.expect("a Turn is not polled after it completed");
-        let grant = this.pool.inner.lock().queue.poll(t, cx.waker());
-        match grant {
-            Some(g) => {
-                this.ticket = None;
-                Poll::Ready(g)
-            }
-            None => Poll::Pending,
-        }
-    }
-}
-
-impl Drop for Turn<'_> {
-    fn drop(&mut self) {
-        let Some(t) = self.ticket.take() else { return };
-        let grant = self.pool.inner.lock().queue.cancel(t);
-        match grant {
-            Some(Grant::Conn(c)) => self.pool.pass_on(c),
-            Some(Grant::Slot) => self.pool.give_back_slot(),
-            Some(Grant::Expired) | None => {}
-        }
-    }
 }
 
 impl Pool {

@@ -2,9 +2,12 @@
 //! channel of its own, so joining the queue and being handed a server allocate nothing.
 
 use std::collections::VecDeque;
-use std::task::Waker;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll, Waker};
 use std::time::Instant;
 
+use super::Pool;
 use crate::server::ServerConn;
 
 /// What a waiter is handed.
@@ -170,6 +173,48 @@ impl WaitQueue {
             oldest = Some(oldest.map_or(e.since, |o: Instant| o.min(e.since)));
         }
         (n, oldest)
+    }
+}
+
+/// A queued checkout waiting for its grant. Dropping it leaves the queue, passing on a grant that arrived meanwhile.
+pub(super) struct Turn<'a> {
+    pub pool: &'a Pool,
+    pub ticket: Option<Ticket>,
+    /// Set until the first poll. `step` queued the ticket with the waker of the very poll that then awaits the
+    /// Turn, so that first poll has nothing to check: a grant that arrived in between has already woken the task,
+    /// which polls again.
+    pub fresh: bool,
+}
+
+impl Future for Turn<'_> {
+    type Output = Grant;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Grant> {
+        let this = self.get_mut();
+        if std::mem::take(&mut this.fresh) {
+            return Poll::Pending;
+        }
+        let t = this.ticket.expect("a Turn is not polled after it completed");
+        let grant = this.pool.inner.lock().queue.poll(t, cx.waker());
+        match grant {
+            Some(g) => {
+                this.ticket = None;
+                Poll::Ready(g)
+            }
+            None => Poll::Pending,
+        }
+    }
+}
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        let Some(t) = self.ticket.take() else { return };
+        let grant = self.pool.inner.lock().queue.cancel(t);
+        match grant {
+            Some(Grant::Conn(c)) => self.pool.pass_on(c),
+            Some(Grant::Slot) => self.pool.give_back_slot(),
+            Some(Grant::Expired) | None => {}
+        }
     }
 }
 
