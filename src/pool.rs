@@ -132,12 +132,11 @@ impl Inner {
         if conn.generation != self.generation {
             return false;
         }
-        if let Some(l) = self.tuning.lifetime {
-            if now.saturating_duration_since(conn.created) > l {
-                return false;
-            }
+        // `created + l` rather than `now - created`: an addition is about half the instructions of a subtraction.
+        match self.tuning.lifetime {
+            Some(l) => conn.created.checked_add(l).is_none_or(|end| now <= end),
+            None => true,
         }
-        true
     }
 }
 
@@ -382,7 +381,12 @@ impl Pool {
     /// Whether an idle connection must pass server_check_query before use.
     fn check_due(&self, conn: &ServerConn, now: Instant) -> bool {
         let after = self.check_after_us.load(Ordering::Relaxed);
-        after != NO_CHECK && now.saturating_duration_since(conn.last_used).as_micros() as u64 >= after
+        match after {
+            NO_CHECK => false,
+            // Always, even when `now` was read before another session's checkin stamped `last_used`.
+            0 => true,
+            _ => conn.last_used.checked_add(Duration::from_micros(after)).is_some_and(|due| now >= due),
+        }
     }
 
     /// Checks an idle connection before handing it out (server_check_query after server_check_delay idle).
