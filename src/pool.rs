@@ -1,14 +1,17 @@
 //! Pool per (database, user): idle stack, FIFO waiter queue, size limits, lifetimes, and a checkout guard that
 //! discards its server unless it is explicitly released clean.
 
-use std::collections::{HashMap, VecDeque};
+mod queue;
+
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use parking_lot::Mutex;
-use tokio::sync::{oneshot, watch};
+use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use crate::config::{Config, PoolSettings};
@@ -48,22 +51,7 @@ pub struct PoolStats {
     pub clients: AtomicI64,
 }
 
-/// What a waiter is handed (a connection moves by value: boxing it would cost an allocation per hand-off).
-#[allow(clippy::large_enum_variant)]
-enum Grant {
-    /// An idle connection, passed directly so no other client can jump the queue.
-    Conn(Box<ServerConn>),
-    /// Room to open a new connection (someone closed one).
-    Slot,
-    /// The waiter's deadline passed (query_wait_timeout): sent by `expire_waiters`.
-    Expired,
-}
-
-struct Waiter {
-    tx: oneshot::Sender<Grant>,
-    since: Instant,
-    deadline: Option<Instant>,
-}
+use queue::{Grant, Ticket, Turn, WaitQueue};
 
 /// The parameters a server reported at login (ParameterStatus), shared by every client greeting.
 pub type ServerParams = Arc<Vec<(String, String)>>;
@@ -77,15 +65,79 @@ pub struct ServerMeta {
     pub connect_time: std::time::SystemTime,
 }
 
-#[derive(Default)]
 struct Inner {
     // Boxed on purpose: connections move in and out of this list on every transaction.
     #[allow(clippy::vec_box)]
     idle: Vec<Box<ServerConn>>,
     /// Connections open or being opened, idle or not.
     total: usize,
-    waiters: VecDeque<Waiter>,
+    queue: WaitQueue,
     servers: HashMap<u64, ServerMeta>,
+    tuning: Tuning,
+    /// The pool's own view of the route, and the generation it last saw: checking it costs one atomic load while
+    /// the route is unchanged.
+    route: watch::Receiver<Route>,
+    generation: u64,
+}
+
+/// What a checkout needs from the pool settings and the config, copied when they change (`Pool::resize`) so a
+/// transaction reads neither.
+#[derive(Clone, Copy, Debug)]
+struct Tuning {
+    pool_size: usize,
+    reserve_pool_size: usize,
+    max_db_connections: usize,
+    reserve_after: Duration,
+    lifetime: Option<Duration>,
+}
+
+impl Tuning {
+    fn new(s: &PoolSettings, cfg: &Config) -> Tuning {
+        Tuning {
+            pool_size: s.pool_size,
+            reserve_pool_size: s.reserve_pool_size,
+            max_db_connections: s.max_db_connections,
+            reserve_after: cfg.proxy.reserve_pool_timeout.0,
+            lifetime: cfg.proxy.server_lifetime.get(),
+        }
+    }
+
+    /// Most connections the pool may hold: pool_size plus the reserve.
+    fn cap(&self) -> usize {
+        self.pool_size + self.reserve_pool_size
+    }
+}
+
+/// `server_check_delay` in microseconds, or `NO_CHECK` when there is no server_check_query.
+fn check_after_us(cfg: &Config) -> u64 {
+    if cfg.proxy.server_check_query.is_empty() {
+        NO_CHECK
+    } else {
+        cfg.proxy.server_check_delay.0.as_micros() as u64
+    }
+}
+
+const NO_CHECK: u64 = u64::MAX;
+
+impl Inner {
+    /// Follows a route change (a new leader or login retires older connections).
+    fn refresh_route(&mut self) {
+        if self.route.has_changed().unwrap_or(false) {
+            self.generation = self.route.borrow_and_update().generation;
+        }
+    }
+
+    /// Whether an idle connection may serve again; `refresh_route` first.
+    fn is_usable(&self, conn: &ServerConn, now: Instant) -> bool {
+        if conn.generation != self.generation {
+            return false;
+        }
+        // `created + l` rather than `now - created`: an addition is about half the instructions of a subtraction.
+        match self.tuning.lifetime {
+            Some(l) => conn.created.checked_add(l).is_none_or(|end| now <= end),
+            None => true,
+        }
+    }
 }
 
 /// One pool.
@@ -114,6 +166,8 @@ pub struct Pool {
     has_stmt_versions: AtomicBool,
     /// Set after a failed connect: no new attempt before `next_try` while the route stays the same.
     backoff: Mutex<Option<Backoff>>,
+    /// server_check_delay in µs while a server_check_query is set (`NO_CHECK` otherwise); kept by `resize`.
+    check_after_us: AtomicU64,
 }
 
 /// Pacing of connection attempts to a target that just failed.
@@ -128,11 +182,11 @@ struct Backoff {
 }
 
 /// Result of the locked part of a checkout.
-#[allow(clippy::large_enum_variant)]
 enum Step {
     Got(Box<ServerConn>),
     Connect,
-    Wait(oneshot::Receiver<Grant>),
+    /// Queued; a reserve connection may be opened at the instant given, if still waiting.
+    Wait(Ticket, Option<Instant>),
 }
 
 impl Pool {
@@ -148,6 +202,20 @@ impl Pool {
         metrics: PoolMetrics,
         db_limit: Arc<DbLimit>,
     ) -> Pool {
+        let mut own_route = route.clone();
+        let generation = own_route.borrow_and_update().generation;
+        let cfg = config.load();
+        let inner = Inner {
+            idle: Vec::new(),
+            total: 0,
+            queue: WaitQueue::default(),
+            servers: HashMap::new(),
+            tuning: Tuning::new(&settings, &cfg),
+            route: own_route,
+            generation,
+        };
+        let check_after_us = AtomicU64::new(check_after_us(&cfg));
+        drop(cfg);
         Pool {
             key,
             login: ArcSwap::from_pointee(login),
@@ -155,7 +223,7 @@ impl Pool {
             config,
             route,
             must_be_primary,
-            inner: Mutex::new(Inner::default()),
+            inner: Mutex::new(inner),
             stats: PoolStats::default(),
             metrics,
             db_limit,
@@ -167,6 +235,7 @@ impl Pool {
             ddl_epoch: std::sync::atomic::AtomicU32::new(0),
             has_stmt_versions: AtomicBool::new(false),
             backoff: Mutex::new(None),
+            check_after_us,
         }
     }
 
@@ -193,50 +262,64 @@ impl Pool {
     /// `checkout` for a caller that already read the clock (`start`): an idle connection costs no clock read.
     pub async fn checkout_at(self: &Arc<Self>, deadline: Option<Instant>, start: Instant) -> Result<PooledConn> {
         let mut immediate = true;
-        let settings = self.settings.load_full();
-        let reserve_after = self.config.load().proxy.reserve_pool_timeout.0;
-        let mut may_use_reserve = settings.reserve_pool_size > 0 && reserve_after.is_zero();
+        // Whether the reserve may be used; decided under the lock by the first step.
+        let mut reserve = None;
         let mut waiting = false;
+        // When a wait ended, if the clock was read then.
+        let mut end = None;
         let result = loop {
-            let step = self.step(&settings, may_use_reserve, start, deadline);
+            let step =
+                std::future::poll_fn(|cx| Poll::Ready(self.step(&mut reserve, start, deadline, cx.waker()))).await;
             match step {
-                Step::Got(conn) => match self.prepare_idle(conn, start).await {
-                    Some(conn) => break Ok(conn),
-                    None => {
-                        immediate = false;
-                        continue;
+                Step::Got(conn) => {
+                    if !self.must_be_primary && !self.check_due(&conn, start) {
+                        break Ok(conn);
                     }
-                },
+                    match self.prepare_idle(conn, start).await {
+                        Some(conn) => break Ok(conn),
+                        None => {
+                            immediate = false;
+                            continue;
+                        }
+                    }
+                }
                 Step::Connect => {
                     immediate = false;
                     break self.open(deadline).await;
                 }
-                Step::Wait(rx) => {
+                Step::Wait(ticket, reserve_at) => {
                     immediate = false;
                     if !waiting {
                         waiting = true;
                         self.stats.cl_waiting.fetch_add(1, Ordering::Relaxed);
                     }
-                    let reserve_at =
-                        (settings.reserve_pool_size > 0 && !may_use_reserve).then(|| start + reserve_after);
+                    // Awaited in the same poll as `step`, with the waker it queued (see `Turn::fresh`).
+                    let turn = Turn { pool: self, ticket: Some(ticket), fresh: true };
                     // The deadline is enforced by `expire_waiters` (run by the janitor every 100 ms), so a wait costs
                     // no timer; only a pending reserve pool needs one.
                     let grant = match reserve_at {
-                        None => rx.await.ok(),
+                        None => Some(turn.await),
                         Some(at) => tokio::select! {
-                            g = rx => g.ok(),
+                            g = turn => Some(g),
                             _ = tokio::time::sleep_until(at.into()) => {
-                                may_use_reserve = true;
+                                reserve = Some(true);
                                 None
                             }
                         },
                     };
                     match grant {
                         Some(Grant::Expired) => break Err(Error::Timeout("query_wait_timeout")),
-                        Some(Grant::Conn(conn)) => match self.prepare_idle(conn, Instant::now()).await {
-                            Some(conn) => break Ok(conn),
-                            None => continue,
-                        },
+                        Some(Grant::Conn(conn)) => {
+                            let now = Instant::now();
+                            if !self.must_be_primary && !self.check_due(&conn, now) {
+                                end = Some(now);
+                                break Ok(conn);
+                            }
+                            match self.prepare_idle(conn, now).await {
+                                Some(conn) => break Ok(conn),
+                                None => continue,
+                            }
+                        }
                         Some(Grant::Slot) => break self.open(deadline).await,
                         None => continue,
                     }
@@ -246,22 +329,34 @@ impl Pool {
         if waiting {
             self.stats.cl_waiting.fetch_sub(1, Ordering::Relaxed);
         }
-        let waited = if immediate { Duration::ZERO } else { start.elapsed() };
+        let got_at = if immediate {
+            start
+        } else {
+            match end {
+                Some(t) if result.is_ok() => t,
+                _ => Instant::now(),
+            }
+        };
+        let waited = got_at.saturating_duration_since(start);
         let us = waited.as_micros() as u64;
-        self.stats.wait_time_us.fetch_add(us, Ordering::Relaxed);
+        if us > 0 {
+            self.stats.wait_time_us.fetch_add(us, Ordering::Relaxed);
+            self.max_wait_us.fetch_max(us, Ordering::Relaxed);
+        }
         self.stats.wait_count.fetch_add(1, Ordering::Relaxed);
-        self.max_wait_us.fetch_max(us, Ordering::Relaxed);
         self.metrics.record_wait(waited);
-        let got_at = if immediate { start } else { start + waited };
         result.map(|conn| PooledConn { conn: Some(conn), pool: self.clone(), got_at })
     }
 
-    fn step(&self, s: &PoolSettings, reserve: bool, now: Instant, deadline: Option<Instant>) -> Step {
+    /// The locked part of a checkout: an idle connection, room to open one, or a place in the queue (woken
+    /// through `waker`). `reserve` is decided on the first call.
+    fn step(&self, reserve: &mut Option<bool>, now: Instant, deadline: Option<Instant>, waker: &Waker) -> Step {
         let mut g = self.inner.lock();
+        g.refresh_route();
         // Idle connections only exist while nobody waits (checkin hands them straight to the queue), so taking one
         // never overtakes a queued client.
         while let Some(conn) = g.idle.pop() {
-            if self.is_usable(&conn, now) {
+            if g.is_usable(&conn, now) {
                 return Step::Got(conn);
             }
             g.servers.remove(&conn.id);
@@ -269,33 +364,29 @@ impl Pool {
             self.db_limit.open.fetch_sub(1, Ordering::Relaxed);
             close_now(conn);
         }
-        let limit = s.pool_size + if reserve { s.reserve_pool_size } else { 0 };
-        let db_ok = s.max_db_connections == 0 || self.db_limit.open.load(Ordering::Relaxed) < s.max_db_connections;
+        let t = g.tuning;
+        let reserve = *reserve.get_or_insert(t.reserve_pool_size > 0 && t.reserve_after.is_zero());
+        let limit = t.pool_size + if reserve { t.reserve_pool_size } else { 0 };
+        let db_ok = t.max_db_connections == 0 || self.db_limit.open.load(Ordering::Relaxed) < t.max_db_connections;
         if g.total < limit && db_ok {
             g.total += 1;
             self.db_limit.open.fetch_add(1, Ordering::Relaxed);
             return Step::Connect;
         }
-        let (tx, rx) = oneshot::channel();
-        if g.waiters.len() > 64 && g.waiters.len().is_power_of_two() {
-            g.waiters.retain(|w| !w.tx.is_closed());
-        }
-        g.waiters.push_back(Waiter { tx, since: now, deadline });
-        Step::Wait(rx)
+        let ticket = g.queue.push(waker.clone(), now, deadline);
+        let reserve_at = (t.reserve_pool_size > 0 && !reserve).then(|| now + t.reserve_after);
+        Step::Wait(ticket, reserve_at)
     }
 
-    fn is_usable(&self, conn: &ServerConn, now: Instant) -> bool {
-        let cfg = self.config.load();
-        let route = self.route.borrow();
-        if conn.generation != route.generation {
-            return false;
+    /// Whether an idle connection must pass server_check_query before use.
+    fn check_due(&self, conn: &ServerConn, now: Instant) -> bool {
+        let after = self.check_after_us.load(Ordering::Relaxed);
+        match after {
+            NO_CHECK => false,
+            // Always, even when `now` was read before another session's checkin stamped `last_used`.
+            0 => true,
+            _ => conn.last_used.checked_add(Duration::from_micros(after)).is_some_and(|due| now >= due),
         }
-        if let Some(l) = cfg.proxy.server_lifetime.get() {
-            if now.saturating_duration_since(conn.created) > l {
-                return false;
-            }
-        }
-        true
     }
 
     /// Checks an idle connection before handing it out (server_check_query after server_check_delay idle).
@@ -308,11 +399,8 @@ impl Pool {
             self.forget(conn);
             return None;
         }
-        let (delay, query) = {
-            let cfg = self.config.load();
-            (cfg.proxy.server_check_delay.0, cfg.proxy.server_check_query.clone())
-        };
-        if !query.is_empty() && now.saturating_duration_since(conn.last_used) >= delay {
+        if self.check_due(&conn, now) {
+            let query = self.config.load().proxy.server_check_query.clone();
             let ok = tokio::time::timeout(Duration::from_secs(5), conn.execute(&query)).await;
             if !matches!(ok, Ok(Ok(()))) {
                 debug!(pool = %self.key.database, server = conn.id, "server check failed, dropping it");
@@ -493,49 +581,39 @@ impl Pool {
 
     /// Tells waiters whose deadline has passed (query_wait_timeout) to give up. Called by the janitor.
     pub fn expire_waiters(&self, now: Instant) {
-        let mut g = self.inner.lock();
-        if !g.waiters.iter().any(|w| w.deadline.is_some_and(|d| d <= now)) {
-            return;
-        }
-        let queue = std::mem::take(&mut g.waiters);
-        for w in queue {
-            if w.deadline.is_some_and(|d| d <= now) {
-                let _ = w.tx.send(Grant::Expired);
-            } else if !w.tx.is_closed() {
-                g.waiters.push_back(w);
-            }
+        let woken = self.inner.lock().queue.expire(now);
+        for w in woken {
+            w.wake();
         }
     }
 
     /// A slot counted in `total` is free again: hand it to the first live waiter, or shrink.
     fn give_back_slot(&self) {
-        let cap = self.cap();
         let mut g = self.inner.lock();
         // Above the cap (the pool was shrunk by a reload) the slot goes away instead of to a waiter.
-        if g.total <= cap {
-            while let Some(w) = g.waiters.pop_front() {
-                if w.tx.send(Grant::Slot).is_ok() {
-                    return;
-                }
+        if g.total <= g.tuning.cap() {
+            if let Ok(w) = g.queue.grant_first(Grant::Slot) {
+                drop(g);
+                w.wake();
+                return;
             }
         }
         g.total -= 1;
         self.db_limit.open.fetch_sub(1, Ordering::Relaxed);
     }
 
-    /// Most connections the pool may hold: pool_size plus the reserve.
-    fn cap(&self) -> usize {
-        let s = self.settings.load();
-        s.pool_size + s.reserve_pool_size
-    }
-
-    /// Applies new settings after a reload: a smaller pool closes its surplus idle connections now (busy ones close
-    /// as they come back), a larger one lets queued clients open connections at once, in queue order.
+    /// Applies new settings after a reload (the caller stores `settings` and the config first): a smaller pool
+    /// closes its surplus idle connections now (busy ones close as they come back), a larger one lets queued
+    /// clients open connections at once, in queue order.
     pub fn resize(&self) {
         let s = self.settings.load();
+        let cfg = self.config.load();
+        self.check_after_us.store(check_after_us(&cfg), Ordering::Relaxed);
         let mut closed = Vec::new();
+        let mut woken = Vec::new();
         {
             let mut g = self.inner.lock();
+            g.tuning = Tuning::new(&s, &cfg);
             while g.total > s.pool_size {
                 let Some(c) = g.idle.pop() else { break };
                 g.servers.remove(&c.id);
@@ -544,12 +622,14 @@ impl Pool {
                 closed.push(c);
             }
             while g.total < s.pool_size {
-                let Some(w) = g.waiters.pop_front() else { break };
-                if w.tx.send(Grant::Slot).is_ok() {
-                    g.total += 1;
-                    self.db_limit.open.fetch_add(1, Ordering::Relaxed);
-                }
+                let Ok(w) = g.queue.grant_first(Grant::Slot) else { break };
+                g.total += 1;
+                self.db_limit.open.fetch_add(1, Ordering::Relaxed);
+                woken.push(w);
             }
+        }
+        for w in woken {
+            w.wake();
         }
         if !closed.is_empty() {
             info!(db = %self.key.database, user = %self.key.user, closed = closed.len(), "pool shrunk; surplus idle connections closed");
@@ -561,21 +641,33 @@ impl Pool {
 
     /// Returns a clean, idle connection.
     fn checkin(&self, mut conn: Box<ServerConn>, now: Instant) {
-        let surplus = self.inner.lock().total > self.cap();
-        if surplus || conn.tx_status != b'I' || !self.is_usable(&conn, now) || self.retired.load(Ordering::Relaxed) {
+        let mut g = self.inner.lock();
+        g.refresh_route();
+        let surplus = g.total > g.tuning.cap();
+        if surplus || conn.tx_status != b'I' || !g.is_usable(&conn, now) || self.retired.load(Ordering::Relaxed) {
+            drop(g);
             self.forget(conn);
             return;
         }
         conn.last_used = now;
-        let mut g = self.inner.lock();
-        while let Some(w) = g.waiters.pop_front() {
-            match w.tx.send(Grant::Conn(conn)) {
-                Ok(()) => return,
-                Err(Grant::Conn(c)) => conn = c,
-                Err(Grant::Slot | Grant::Expired) => unreachable!("send returns the value it was given"),
+        self.hand_over(g, conn);
+    }
+
+    /// Passes on a connection granted to a checkout that gave up before taking it.
+    fn pass_on(&self, conn: Box<ServerConn>) {
+        self.hand_over(self.inner.lock(), conn);
+    }
+
+    /// Gives an idle connection to the first waiter, or puts it on the idle list; wakes the waiter unlocked.
+    fn hand_over(&self, mut g: parking_lot::MutexGuard<'_, Inner>, conn: Box<ServerConn>) {
+        match g.queue.grant_first(Grant::Conn(conn)) {
+            Ok(w) => {
+                drop(g);
+                w.wake();
             }
+            Err(Grant::Conn(c)) => g.idle.push(c),
+            Err(Grant::Slot | Grant::Expired) => unreachable!("grant_first gives back the grant it was given"),
         }
-        g.idle.push(conn);
     }
 
     /// Closes a connection and frees its slot.
@@ -594,12 +686,13 @@ impl Pool {
         let to_open;
         {
             let mut g = self.inner.lock();
+            g.refresh_route();
             let min = s.min_pool_size;
             let mut i = 0;
             while i < g.idle.len() {
                 let conn = &g.idle[i];
                 let expired_idle = idle_timeout.is_some_and(|t| conn.last_used.elapsed() > t) && g.total > min;
-                if expired_idle || !self.is_usable(conn, Instant::now()) || self.retired.load(Ordering::Relaxed) {
+                if expired_idle || !g.is_usable(conn, Instant::now()) || self.retired.load(Ordering::Relaxed) {
                     let c = g.idle.swap_remove(i);
                     g.servers.remove(&c.id);
                     g.total -= 1;
@@ -609,7 +702,7 @@ impl Pool {
                     i += 1;
                 }
             }
-            g.waiters.retain(|w| !w.tx.is_closed());
+            g.queue.compact();
             let route_ok = self.route.borrow().target.is_some();
             to_open = if route_ok && !self.retired.load(Ordering::Relaxed) && !self.paused.load(Ordering::Relaxed) {
                 min.saturating_sub(g.total)
@@ -637,12 +730,8 @@ impl Pool {
     /// Counts for SHOW POOLS and metrics: (total, idle, waiting clients, oldest wait).
     pub fn counts(&self) -> PoolCounts {
         let g = self.inner.lock();
-        PoolCounts {
-            total: g.total,
-            idle: g.idle.len(),
-            waiters: g.waiters.iter().filter(|w| !w.tx.is_closed()).count(),
-            oldest_wait: g.waiters.iter().filter(|w| !w.tx.is_closed()).map(|w| w.since.elapsed()).max(),
-        }
+        let (waiters, oldest) = g.queue.live();
+        PoolCounts { total: g.total, idle: g.idle.len(), waiters, oldest_wait: oldest.map(|t| t.elapsed()) }
     }
 
     /// Connections for SHOW SERVERS: (id, meta, idle?).

@@ -284,6 +284,52 @@ async fn query_wait_timeout_gives_an_error_not_a_hang() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reserve_pool_serves_a_client_after_reserve_pool_timeout() {
+    let pg = Pg::start();
+    let relay = Relay::start(
+        &pg,
+        "default_pool_size = 1\nreserve_pool_size = 1\nreserve_pool_timeout = \"300ms\"\nquery_wait_timeout = \"10s\"",
+        "",
+    );
+    let a = relay.connect().await;
+    a.batch_execute("begin; select 1").await.unwrap();
+    let b = relay.connect().await;
+    let t = Instant::now();
+    assert_eq!(b.query_one("select 2", &[]).await.unwrap().get::<_, i32>(0), 2);
+    let waited = t.elapsed();
+    assert!(waited >= Duration::from_millis(250) && waited < Duration::from_secs(5), "{waited:?}");
+    a.batch_execute("commit").await.unwrap();
+    assert_eq!(b.query_one("select 3", &[]).await.unwrap().get::<_, i32>(0), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_clients_that_hang_up_do_not_cost_the_pool_its_server() {
+    let pg = Pg::start();
+    let relay = Relay::start(&pg, "default_pool_size = 1\nquery_wait_timeout = \"10s\"", "");
+    let a = relay.connect().await;
+    a.batch_execute("begin; select 1").await.unwrap();
+    let mut quitters = Vec::new();
+    for _ in 0..3 {
+        let c = relay.connect().await;
+        quitters.push(tokio::spawn(async move {
+            let r = tokio::time::timeout(Duration::from_millis(200), c.query_one("select 2", &[])).await;
+            assert!(r.is_err(), "the pool's only server is busy, so the query must still be queued");
+        }));
+    }
+    for q in quitters {
+        q.await.unwrap();
+    }
+    a.batch_execute("commit").await.unwrap();
+    drop(a);
+    // The server went back to the pool (or to a queued client that then left): later clients get it.
+    for i in 0..3 {
+        let d = relay.connect().await;
+        let r = tokio::time::timeout(Duration::from_secs(5), d.query_one("select $1::int", &[&i])).await;
+        assert_eq!(r.expect("served within 5s").unwrap().get::<_, i32>(0), i);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn query_timeout_cancels_on_the_server() {
     let pg = Pg::start();
     let relay = Relay::start(&pg, "query_timeout = \"300ms\"", "");
