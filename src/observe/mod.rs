@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use metrics::{Counter, Histogram, Key, Label, Metadata, Recorder};
+use metrics::{Counter, Key, Label, Metadata, Recorder};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 
 pub mod fingerprint;
@@ -10,6 +10,7 @@ pub mod qstats;
 pub mod slow;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 
 use crate::config::Config;
 
@@ -23,10 +24,81 @@ pub const LATENCY_BUCKETS: &[f64] = &[
 
 const META: Metadata<'static> = Metadata::new("pgrelay", metrics::Level::INFO, Some("pgrelay::observe"));
 
+/// `LATENCY_BUCKETS` in nanoseconds.
+const LATENCY_BOUNDS_NS: [u64; 20] = [
+    50_000,
+    100_000,
+    250_000,
+    500_000,
+    750_000,
+    1_000_000,
+    2_500_000,
+    5_000_000,
+    7_500_000,
+    10_000_000,
+    25_000_000,
+    50_000_000,
+    75_000_000,
+    100_000_000,
+    250_000_000,
+    500_000_000,
+    1_000_000_000,
+    2_500_000_000,
+    5_000_000_000,
+    10_000_000_000,
+];
+
+/// A latency histogram with the fixed `LATENCY_BUCKETS`, kept as plain atomic counters and rendered at scrape time.
+///
+/// Recorded once per query and once per checkout, so it must be cheap: a bucket search over small integers and two
+/// relaxed adds (the general-purpose histogram of the metrics exporter queued every sample, about 300 instructions a
+/// record, and sorted them into buckets later).
+#[derive(Default)]
+pub struct LatencyHistogram {
+    /// Per bucket, not cumulative; the last one counts samples above the largest bound.
+    counts: [AtomicU64; LATENCY_BOUNDS_NS.len() + 1],
+    sum_ns: AtomicU64,
+}
+
+impl LatencyHistogram {
+    /// Counts one sample.
+    #[inline]
+    pub fn record(&self, d: Duration) {
+        let ns = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        let i = LATENCY_BOUNDS_NS.iter().position(|&b| ns <= b).unwrap_or(LATENCY_BOUNDS_NS.len());
+        self.counts[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_ns.fetch_add(ns, Ordering::Relaxed);
+    }
+
+    /// Appends the `_bucket`, `_sum` and `_count` series in Prometheus text format; `labels` is the rendered label
+    /// list without braces.
+    fn render(&self, name: &str, labels: &str, out: &mut String) {
+        use std::fmt::Write;
+        let sep = if labels.is_empty() { "" } else { "," };
+        let mut total = 0u64;
+        for (i, c) in self.counts.iter().enumerate() {
+            total += c.load(Ordering::Relaxed);
+            match LATENCY_BUCKETS.get(i) {
+                Some(b) => {
+                    let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{b}\"}} {total}");
+                }
+                None => {
+                    let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {total}");
+                }
+            }
+        }
+        let sum = self.sum_ns.load(Ordering::Relaxed) as f64 / 1e9;
+        let _ = writeln!(out, "{name}_sum{{{labels}}} {sum}");
+        let _ = writeln!(out, "{name}_count{{{labels}}} {total}");
+    }
+}
+
 /// The process's metric registry. Not installed globally: handles are registered from it explicitly.
 pub struct Metrics {
     recorder: PrometheusRecorder,
     handle: PrometheusHandle,
+    /// Latency histograms by (name, rendered labels), rendered after the exporter's own metrics.
+    latency: parking_lot::Mutex<Vec<(&'static str, String, Arc<LatencyHistogram>)>>,
 }
 
 impl Metrics {
@@ -37,12 +109,29 @@ impl Metrics {
             .expect("bucket list is a non-empty constant");
         let recorder = builder.build_recorder();
         let handle = recorder.handle();
-        Metrics { recorder, handle }
+        Metrics { recorder, handle, latency: Default::default() }
     }
 
     /// Prometheus text exposition of everything registered.
     pub fn render(&self) -> String {
-        self.handle.render()
+        let mut out = self.handle.render();
+        let mut hists: Vec<(&'static str, String, Arc<LatencyHistogram>)> = self.latency.lock().clone();
+        hists.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
+        let mut family = "";
+        for (name, labels, h) in &hists {
+            if *name != family {
+                if !family.is_empty() {
+                    out.push('\n');
+                }
+                out.push_str(&format!("# TYPE {name} histogram\n"));
+                family = name;
+            }
+            h.render(name, labels, &mut out);
+        }
+        if !family.is_empty() {
+            out.push('\n');
+        }
+        out
     }
 
     /// Drains histogram samples into their buckets; called periodically so memory stays flat between scrapes.
@@ -60,16 +149,24 @@ impl Metrics {
         self.recorder.register_gauge(&key(name, labels), &META)
     }
 
-    /// A histogram handle.
-    pub fn histogram(&self, name: &'static str, labels: &[(&'static str, String)]) -> Histogram {
-        self.recorder.register_histogram(&key(name, labels), &META)
+    /// A latency histogram (seconds, `LATENCY_BUCKETS`); the same name and labels give the same histogram.
+    pub fn latency_histogram(&self, name: &'static str, labels: &[(&'static str, String)]) -> Arc<LatencyHistogram> {
+        let rendered = labels.iter().map(|(k, v)| format!("{k}=\"{}\"", escape_label(v))).collect::<Vec<_>>().join(",");
+        let mut all = self.latency.lock();
+        if let Some((_, _, h)) = all.iter().find(|(n, l, _)| *n == name && *l == rendered) {
+            return h.clone();
+        }
+        let h = Arc::new(LatencyHistogram::default());
+        all.push((name, rendered, h.clone()));
+        h
     }
 
     /// The handles one pool records into, registered once.
     pub fn pool(&self, database: &str, enabled: bool) -> PoolMetrics {
         let db = || ("database", database.to_string());
-        let qd =
-            |t: QueryType| self.histogram("db_query_duration_seconds", &[db(), ("query_type", t.as_str().to_string())]);
+        let qd = |t: QueryType| {
+            self.latency_histogram("db_query_duration_seconds", &[db(), ("query_type", t.as_str().to_string())])
+        };
         PoolMetrics {
             enabled,
             query_duration: [
@@ -79,7 +176,7 @@ impl Metrics {
                 qd(QueryType::Delete),
                 qd(QueryType::Other),
             ],
-            pool_wait: self.histogram("pgrelay_pool_wait_seconds", &[db()]),
+            pool_wait: self.latency_histogram("pgrelay_pool_wait_seconds", &[db()]),
             queries: self.counter("pgrelay_queries_total", &[db()]),
             transactions: self.counter("pgrelay_transactions_total", &[db()]),
             errors: self.counter("pgrelay_query_errors_total", &[db()]),
@@ -97,6 +194,11 @@ impl Default for Metrics {
     }
 }
 
+/// A label value as Prometheus' text format wants it: backslash, double quote and newline escaped.
+fn escape_label(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
 fn key(name: &'static str, labels: &[(&'static str, String)]) -> Key {
     let labels: Vec<Label> = labels.iter().map(|(k, v)| Label::new(*k, v.clone())).collect();
     Key::from_parts(name, labels)
@@ -105,8 +207,8 @@ fn key(name: &'static str, labels: &[(&'static str, String)]) -> Key {
 /// Metric handles of one pool.
 pub struct PoolMetrics {
     pub enabled: bool,
-    query_duration: [Histogram; 5],
-    pool_wait: Histogram,
+    query_duration: [Arc<LatencyHistogram>; 5],
+    pool_wait: Arc<LatencyHistogram>,
     pub queries: Counter,
     pub transactions: Counter,
     pub errors: Counter,
@@ -121,7 +223,7 @@ impl PoolMetrics {
     #[inline]
     pub fn record_query(&self, t: QueryType, d: Duration) {
         if self.enabled {
-            self.query_duration[t as usize].record(d.as_secs_f64());
+            self.query_duration[t as usize].record(d);
         }
         self.queries.increment(1);
     }
@@ -131,7 +233,7 @@ impl PoolMetrics {
     pub fn record_wait(&self, d: Duration) {
         self.checkouts.increment(1);
         if self.enabled {
-            self.pool_wait.record(d.as_secs_f64());
+            self.pool_wait.record(d);
         }
     }
 }
@@ -336,7 +438,45 @@ pub(crate) mod alloc_count {
 
 #[cfg(test)]
 mod tests {
-    use super::tag_rows;
+    use super::{tag_rows, Metrics, LATENCY_BOUNDS_NS, LATENCY_BUCKETS};
+    use std::time::Duration;
+
+    #[test]
+    fn latency_bounds_match_the_published_buckets() {
+        assert_eq!(LATENCY_BOUNDS_NS.len(), LATENCY_BUCKETS.len());
+        for (ns, s) in LATENCY_BOUNDS_NS.iter().zip(LATENCY_BUCKETS) {
+            assert_eq!(*ns, (s * 1e9).round() as u64);
+        }
+    }
+
+    #[test]
+    fn latency_histogram_renders_cumulative_buckets() {
+        let m = Metrics::new();
+        let h = m.latency_histogram("x_seconds", &[("database", "d\"b".to_string())]);
+        h.record(Duration::from_micros(50)); // on the first bound: counted in it (le is inclusive)
+        h.record(Duration::from_micros(51));
+        h.record(Duration::from_millis(3));
+        h.record(Duration::from_secs(60)); // above every bound
+        assert!(std::ptr::eq(&*h, &*m.latency_histogram("x_seconds", &[("database", "d\"b".to_string())])));
+        let _other = m.latency_histogram("a_seconds", &[]);
+        let text = m.render();
+        let l = r#"database="d\"b""#;
+        for want in [
+            format!("x_seconds_bucket{{{l},le=\"0.00005\"}} 1"),
+            format!("x_seconds_bucket{{{l},le=\"0.0001\"}} 2"),
+            format!("x_seconds_bucket{{{l},le=\"0.0025\"}} 2"),
+            format!("x_seconds_bucket{{{l},le=\"0.005\"}} 3"),
+            format!("x_seconds_bucket{{{l},le=\"10\"}} 3"),
+            format!("x_seconds_bucket{{{l},le=\"+Inf\"}} 4"),
+            format!("x_seconds_sum{{{l}}} 60.003101"),
+            format!("x_seconds_count{{{l}}} 4"),
+            "a_seconds_bucket{le=\"+Inf\"} 0".to_string(),
+        ] {
+            assert!(text.lines().any(|line| line == want), "missing {want} in\n{text}");
+        }
+        assert_eq!(text.matches("# TYPE x_seconds histogram").count(), 1);
+        assert!(text.find("# TYPE a_seconds").unwrap() < text.find("# TYPE x_seconds").unwrap(), "sorted by name");
+    }
 
     #[test]
     fn row_counts_from_command_tags() {
