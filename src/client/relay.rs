@@ -222,7 +222,10 @@ pub struct Session {
     statements: HashMap<String, Arc<Prepared>>,
     /// Set once the client uses a session-scoped feature: it keeps its server until it leaves.
     pinned: Option<&'static str>,
-    linked_at: Option<Instant>,
+    /// When the current server was linked, in `Shared::micros`.
+    linked_us: Option<u64>,
+    /// The config as of the last look; a load costs a pointer comparison while no reload happened.
+    config: arc_swap::Cache<Arc<arc_swap::ArcSwap<crate::config::Config>>, Arc<crate::config::Config>>,
     /// Close at the next transaction boundary (drain).
     close_at_boundary: Option<(&'static str, String)>,
     out: BytesMut,
@@ -280,7 +283,8 @@ impl Session {
             cur_qtype: QueryType::Other,
             statements: HashMap::new(),
             pinned: None,
-            linked_at: None,
+            linked_us: None,
+            config: arc_swap::Cache::new(shared.config.clone()),
             close_at_boundary: None,
             out: BytesMut::new(),
             observer: shared.observer.clone(),
@@ -944,7 +948,8 @@ impl Session {
 
     /// Gets a server for this client and brings its settings in line (an injected SET/RESET, its answer dropped).
     async fn link(&mut self, now: Instant) -> Result<PooledConn> {
-        self.info.set_state(ClientState::Waiting, self.shared.micros(now));
+        let now_us = self.shared.micros(now);
+        self.info.set_state(ClientState::Waiting, now_us);
         while self.shared.paused.load(Ordering::Acquire) || self.pool.paused.load(Ordering::Acquire) {
             let resumed = self.shared.resumed.notified();
             if !self.shared.paused.load(Ordering::Acquire) && !self.pool.paused.load(Ordering::Acquire) {
@@ -952,7 +957,7 @@ impl Session {
             }
             resumed.await;
         }
-        let deadline = self.shared.config.load().proxy.query_wait_timeout.get().map(|d| now + d);
+        let deadline = self.config.load().proxy.query_wait_timeout.get().map(|d| now + d);
         self.pool.stats.cl_active.fetch_add(1, Ordering::Relaxed);
         let mut srv = match self.pool.checkout_at(deadline, now).await {
             Ok(s) => s,
@@ -962,7 +967,8 @@ impl Session {
                 return Err(e);
             }
         };
-        let now = srv.got_at;
+        let (now, now_us) =
+            if srv.got_at == now { (now, now_us) } else { (srv.got_at, self.shared.micros(srv.got_at)) };
         if let Some(sql) = settings_sync(&srv, &self.params) {
             protocol::query(&mut self.out, &sql);
             self.expect.push_back(Expect::Ready {
@@ -982,8 +988,8 @@ impl Session {
             key: srv.backend_key,
             server_id: srv.id,
         });
-        self.info.set_state(ClientState::Active, self.shared.micros(now));
-        self.linked_at = Some(now);
+        self.info.set_state(ClientState::Active, now_us);
+        self.linked_us = Some(now_us);
         Ok(srv)
     }
 
@@ -992,15 +998,13 @@ impl Session {
         *self.info.linked.lock() = None;
         self.info.query_start_us.store(0, Ordering::Relaxed);
         self.pool.stats.cl_active.fetch_sub(1, Ordering::Relaxed);
-        if let Some(t) = self.linked_at.take() {
-            self.pool
-                .stats
-                .xact_time_us
-                .fetch_add(now.saturating_duration_since(t).as_micros() as u64, Ordering::Relaxed);
+        let now_us = self.shared.micros(now);
+        if let Some(t) = self.linked_us.take() {
+            self.pool.stats.xact_time_us.fetch_add(now_us.saturating_sub(t), Ordering::Relaxed);
             self.pool.stats.xact_count.fetch_add(1, Ordering::Relaxed);
             self.pool.metrics.transactions.increment(1);
         }
-        self.info.set_state(ClientState::Idle, self.shared.micros(now));
+        self.info.set_state(ClientState::Idle, now_us);
         self.expect.clear();
         self.open_extended = false;
         if !clean {
@@ -1008,7 +1012,7 @@ impl Session {
             return;
         }
         let reset = {
-            let cfg = self.shared.config.load();
+            let cfg = self.config.load();
             let q = &cfg.proxy.server_reset_query;
             let wanted = self.mode == PoolMode::Session || self.pinned.is_some() || cfg.proxy.server_reset_query_always;
             (!q.is_empty() && wanted).then(|| q.clone())
