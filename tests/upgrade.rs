@@ -109,7 +109,9 @@ async fn upgrade_under_pgbench_refuses_nothing_and_cancels_cross_over() {
     cancel.cancel_query(tokio_postgres::NoTls).await.expect("cancel request sent");
     let (code, took) = q.await.unwrap();
     assert_eq!(code.as_deref(), Some("57014"), "the cancel did not reach the old process's query");
-    assert!(took < Duration::from_secs(5), "cancel took {took:?}");
+    // 57014 already proves the cancel arrived; the bound shows it was not the 20 s sleep ending. PostgreSQL itself can
+    // take seconds to serve a cancel on a loaded 2-core machine (seen once: 7.5 s, the postmaster slow to fork for it).
+    assert!(took < Duration::from_secs(15), "cancel took {took:?}");
     assert!(new_log().contains("cancel request forwarded"), "{}", new_log());
 
     let (out_steady, ok_steady) = steady.join().unwrap();
