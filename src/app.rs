@@ -409,9 +409,6 @@ async fn janitor(shared: Arc<Shared>) {
             pool_gauges(&shared, &mut gauges);
             mean_query_times(&shared, &mut query_totals);
         }
-        if n.is_multiple_of(50) {
-            shared.metrics.upkeep();
-        }
     }
 }
 

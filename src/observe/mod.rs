@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use metrics::{Counter, Key, Label, Metadata, Recorder};
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 
 pub mod fingerprint;
 pub mod qstats;
@@ -24,29 +24,16 @@ pub const LATENCY_BUCKETS: &[f64] = &[
 
 const META: Metadata<'static> = Metadata::new("pgrelay", metrics::Level::INFO, Some("pgrelay::observe"));
 
-/// `LATENCY_BUCKETS` in nanoseconds.
-const LATENCY_BOUNDS_NS: [u64; 20] = [
-    50_000,
-    100_000,
-    250_000,
-    500_000,
-    750_000,
-    1_000_000,
-    2_500_000,
-    5_000_000,
-    7_500_000,
-    10_000_000,
-    25_000_000,
-    50_000_000,
-    75_000_000,
-    100_000_000,
-    250_000_000,
-    500_000_000,
-    1_000_000_000,
-    2_500_000_000,
-    5_000_000_000,
-    10_000_000_000,
-];
+/// `LATENCY_BUCKETS` in nanoseconds, the form `LatencyHistogram::record` compares against.
+const LATENCY_BOUNDS_NS: [u64; LATENCY_BUCKETS.len()] = {
+    let mut ns = [0u64; LATENCY_BUCKETS.len()];
+    let mut i = 0;
+    while i < ns.len() {
+        ns[i] = (LATENCY_BUCKETS[i] * 1e9 + 0.5) as u64;
+        i += 1;
+    }
+    ns
+};
 
 /// A latency histogram with the fixed `LATENCY_BUCKETS`, kept as plain atomic counters and rendered at scrape time.
 ///
@@ -102,12 +89,9 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    /// Creates the registry with pgrelay's histogram buckets.
+    /// Creates the registry (counters and gauges; latency histograms are `LatencyHistogram`s kept here).
     pub fn new() -> Metrics {
-        let builder = PrometheusBuilder::new()
-            .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
-            .expect("bucket list is a non-empty constant");
-        let recorder = builder.build_recorder();
+        let recorder = PrometheusBuilder::new().build_recorder();
         let handle = recorder.handle();
         Metrics { recorder, handle, latency: Default::default() }
     }
@@ -132,11 +116,6 @@ impl Metrics {
             out.push('\n');
         }
         out
-    }
-
-    /// Drains histogram samples into their buckets; called periodically so memory stays flat between scrapes.
-    pub fn upkeep(&self) {
-        self.handle.run_upkeep();
     }
 
     /// A counter handle.
