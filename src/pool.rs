@@ -270,19 +270,9 @@ impl Pool {
         let result = loop {
             let step =
                 std::future::poll_fn(|cx| Poll::Ready(self.step(&mut reserve, start, deadline, cx.waker()))).await;
-            match step {
-                Step::Got(conn) => {
-                    if !self.must_be_primary && !self.check_due(&conn, start) {
-                        break Ok(conn);
-                    }
-                    match self.prepare_idle(conn, start).await {
-                        Some(conn) => break Ok(conn),
-                        None => {
-                            immediate = false;
-                            continue;
-                        }
-                    }
-                }
+            // An idle connection, and when it was had; `true` when it was handed over after a wait.
+            let (conn, at, granted) = match step {
+                Step::Got(conn) => (conn, start, false),
                 Step::Connect => {
                     immediate = false;
                     break self.open(deadline).await;
@@ -309,21 +299,22 @@ impl Pool {
                     };
                     match grant {
                         Some(Grant::Expired) => break Err(Error::Timeout("query_wait_timeout")),
-                        Some(Grant::Conn(conn)) => {
-                            let now = Instant::now();
-                            if !self.must_be_primary && !self.check_due(&conn, now) {
-                                end = Some(now);
-                                break Ok(conn);
-                            }
-                            match self.prepare_idle(conn, now).await {
-                                Some(conn) => break Ok(conn),
-                                None => continue,
-                            }
-                        }
+                        Some(Grant::Conn(conn)) => (conn, Instant::now(), true),
                         Some(Grant::Slot) => break self.open(deadline).await,
                         None => continue,
                     }
                 }
+            };
+            // `prepare_idle` only has work for Patroni-routed pools and when server_check_query is due.
+            if !self.must_be_primary && !self.check_due(&conn, at) {
+                if granted {
+                    end = Some(at);
+                }
+                break Ok(conn);
+            }
+            match self.prepare_idle(conn, at).await {
+                Some(conn) => break Ok(conn),
+                None => immediate = false,
             }
         };
         if waiting {
