@@ -119,20 +119,13 @@ impl KillSignal {
 
     /// Ready once per `fire` (taking the signal down again), else registers the task to be woken.
     pub fn poll_fired(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
-        if self.take() {
-            return std::task::Poll::Ready(());
-        }
+        // Register first, then look: a fire in between finds the new waker, so it cannot be missed.
         self.waker.register(cx.waker());
-        // A fire between the first check and the registration would otherwise be missed until the next wake-up.
-        if self.take() {
+        if self.fired.load(Ordering::Acquire) && self.fired.swap(false, Ordering::AcqRel) {
             std::task::Poll::Ready(())
         } else {
             std::task::Poll::Pending
         }
-    }
-
-    fn take(&self) -> bool {
-        self.fired.load(Ordering::Acquire) && self.fired.swap(false, Ordering::AcqRel)
     }
 }
 
