@@ -10,7 +10,7 @@ mod wire;
 use common::*;
 use std::sync::Arc;
 use std::time::Duration;
-use wire::{row1, Reply, Wire};
+use wire::{parsed_one_row, row1, Reply, Wire};
 
 const INT4: u32 = 23;
 
@@ -220,16 +220,7 @@ async fn deallocate_of_a_protocol_prepared_name() {
     w.bind("", "st1", &[Some("1")]);
     w.execute("", 0);
     w.sync();
-    assert_eq!(
-        w.roundtrip(1).await,
-        vec![
-            Reply::ParseComplete,
-            Reply::BindComplete,
-            row1("3"),
-            Reply::CommandComplete("SELECT 1".into()),
-            Reply::Ready(b'I')
-        ]
-    );
+    assert_eq!(w.roundtrip(1).await, parsed_one_row("3"));
     w.simple("DEALLOCATE ALL").await;
     w.bind("", "st1", &[Some("1")]);
     w.sync();
@@ -334,16 +325,7 @@ async fn close_then_reparse_same_name_with_different_text() {
     w.bind("", "s2", &[]);
     w.execute("", 0);
     w.sync();
-    assert_eq!(
-        w.roundtrip(1).await,
-        vec![
-            Reply::ParseComplete,
-            Reply::BindComplete,
-            row1("two"),
-            Reply::CommandComplete("SELECT 1".into()),
-            Reply::Ready(b'I')
-        ]
-    );
+    assert_eq!(w.roundtrip(1).await, parsed_one_row("two"));
 }
 
 /// Parse of a name that is already prepared (no Close in between): PostgreSQL refuses with 42P05.
@@ -409,13 +391,7 @@ async fn messages_after_an_error_already_answered_are_skipped() {
     other.sync();
     assert_eq!(
         other.roundtrip(1).await,
-        vec![
-            Reply::ParseComplete,
-            Reply::BindComplete,
-            row1("after the error"),
-            Reply::CommandComplete("SELECT 1".into()),
-            Reply::Ready(b'I')
-        ],
+        parsed_one_row("after the error"),
         "the skipped Parse left no trace on the shared server"
     );
 }
@@ -438,16 +414,7 @@ async fn failed_parse_leaves_no_stale_mapping() {
     w.bind("", "f", &[]);
     w.execute("", 0);
     w.sync();
-    assert_eq!(
-        w.roundtrip(1).await,
-        vec![
-            Reply::ParseComplete,
-            Reply::BindComplete,
-            row1("7"),
-            Reply::CommandComplete("SELECT 1".into()),
-            Reply::Ready(b'I')
-        ]
-    );
+    assert_eq!(w.roundtrip(1).await, parsed_one_row("7"));
     // A Parse skipped because an earlier message in the same pipeline failed does not exist either, even when
     // another client already prepared the same text on the server.
     let mut other = Wire::connect(relay.port).await;

@@ -304,3 +304,14 @@ impl Wire {
 pub fn row1(v: &str) -> Reply {
     Reply::DataRow(vec![Some(v.to_string())])
 }
+
+/// The replies to Parse, Bind, Execute and Sync of a query that returns the one value `v`, outside a transaction.
+pub fn parsed_one_row(v: &str) -> Vec<Reply> {
+    vec![
+        Reply::ParseComplete,
+        Reply::BindComplete,
+        row1(v),
+        Reply::CommandComplete("SELECT 1".into()),
+        Reply::Ready(b'I'),
+    ]
+}
