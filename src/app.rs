@@ -114,6 +114,10 @@ pub async fn run(shared: Arc<Shared>, listener: TcpListener, handlers: SignalHan
         ));
     }
     tokio::spawn(janitor(shared.clone()));
+    if let Some(window) = cfg.proxy.busy_poll.get() {
+        info!(window = ?window, "busy polling on");
+        tokio::spawn(shared.busy_poll.clone().run(window));
+    }
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(None);
     tokio::spawn(signals(shared.clone(), stop_tx, handlers));
     // 1. Control socket (hands the listener to a successor, takes cancels for our clients), 2. pidfile = ready.

@@ -9,12 +9,14 @@
 //! - [`state`]: the `Arc<Shared>` handed to every task.
 //! - [`tls`]: rustls acceptor (towards clients, reloadable) and connector (towards PostgreSQL).
 //! - [`uds`]: Unix-socket streams to PostgreSQL, watched for readability only (no wake-up per consumed query).
+//! - [`busypoll`]: optional busy polling of the runtime's I/O driver (`proxy.busy_poll`).
 //! - [`config`], [`error`], [`observe`]: leaves anyone may use.
 
 pub mod admin;
 pub mod advisor;
 pub mod app;
 pub mod auth;
+pub mod busypoll;
 pub mod client;
 pub mod config;
 pub mod error;

@@ -160,6 +160,8 @@ pub struct Shared {
     pub auth_cache: DashMap<String, (Instant, Option<crate::auth::Secret>)>,
     /// TLS towards clients; swapped by reload so new handshakes use the new certificate.
     pub tls: arc_swap::ArcSwapOption<crate::tls::Acceptor>,
+    /// Busy polling, when `proxy.busy_poll` is set: sessions touch it per event.
+    pub busy_poll: Arc<crate::busypoll::BusyPoll>,
     reload_lock: Mutex<()>,
 }
 
@@ -174,6 +176,7 @@ impl Shared {
         });
         Arc::new(Shared {
             tls: arc_swap::ArcSwapOption::new(tls),
+            busy_poll: Default::default(),
             observer,
             health: crate::health::HealthMonitor::new(),
             config: Arc::new(ArcSwap::from_pointee(config)),

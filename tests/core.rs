@@ -563,3 +563,35 @@ fn startup_packet_handling() {
     assert_eq!(buf.first(), Some(&b'E'));
     assert_eq!(relay.psql("postgres", PASSWORD, "postgres", "select 1").unwrap(), "1");
 }
+
+/// CPU time (user + system, in clock ticks of 10 ms) a process has used so far.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which may hold spaces): state is field 3, utime 14, stime 15.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
+/// `busy_poll`: queries relay as usual while the runtime polls, and once traffic stops the poller parks (an idle
+/// relay does not keep a core busy).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn busy_poll_relays_and_goes_quiet_when_idle() {
+    let pg = Pg::start();
+    let relay = Relay::start(&pg, "busy_poll = \"5ms\"", "");
+    let c = relay.connect().await;
+    let stmt = c.prepare("select $1::int8 + 1").await.unwrap();
+    for i in 0..500i64 {
+        assert_eq!(c.query_one(&stmt, &[&i]).await.unwrap().get::<_, i64>(0), i + 1);
+    }
+    assert!(relay.log().contains("busy polling on"), "{}", relay.log());
+    // Idle: within a window of 5 ms the poller parks; a poller that kept spinning would use the whole second.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let pid = relay.child.as_ref().unwrap().id();
+    let before = cpu_ticks(pid);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let used = cpu_ticks(pid) - before;
+    assert!(used < 30, "an idle relay with busy_poll used {used} ticks of CPU in 1 s");
+    // And it wakes up again for the next query.
+    assert_eq!(c.query_one(&stmt, &[&41i64]).await.unwrap().get::<_, i64>(0), 42);
+}

@@ -335,6 +335,7 @@ impl Session {
                     r = conn.stream.read_buf(&mut conn.rbuf) => Event::Client(r),
                 },
             };
+            self.shared.busy_poll.touch();
             match ev {
                 Event::Client(Ok(0)) | Event::Client(Err(_)) => break Ok(()),
                 Event::Client(Ok(n)) => {
