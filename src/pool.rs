@@ -2,6 +2,8 @@
 //! discards its server unless it is explicitly released clean.
 
 mod queue;
+#[cfg(test)]
+mod tests;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
@@ -392,37 +394,35 @@ impl Pool {
         }
         if self.check_due(&conn, now) {
             let query = self.config.load().proxy.server_check_query.clone();
-            let ok = tokio::time::timeout(Duration::from_secs(5), conn.execute(&query)).await;
+            // Guarded while the check runs: a checkout dropped meanwhile closes the server and frees its slot.
+            let mut guard = PooledConn { conn: Some(conn), pool: self.clone(), got_at: now };
+            let ok = tokio::time::timeout(Duration::from_secs(5), guard.execute(&query)).await;
             if !matches!(ok, Ok(Ok(()))) {
-                debug!(pool = %self.key.database, server = conn.id, "server check failed, dropping it");
-                self.forget(conn);
+                debug!(pool = %self.key.database, server = guard.id, "server check failed, dropping it");
+                guard.discard();
                 return None;
             }
+            conn = guard.conn.take().expect("conn is Some until release/discard consume the guard");
         }
         Some(conn)
     }
 
     /// Opens a new connection for a slot already counted in `total`, giving up at `deadline`.
     async fn open(self: &Arc<Self>, deadline: Option<Instant>) -> Result<Box<ServerConn>> {
-        match self.connect(deadline).await {
-            Ok(conn) => {
-                let mut g = self.inner.lock();
-                g.servers.insert(
-                    conn.id,
-                    ServerMeta {
-                        target: conn.target.clone(),
-                        backend_pid: conn.backend_pid,
-                        local_port: conn.local_port,
-                        connect_time: std::time::SystemTime::now(),
-                    },
-                );
-                Ok(Box::new(conn))
-            }
-            Err(e) => {
-                self.give_back_slot();
-                Err(e)
-            }
-        }
+        let slot = Opening { pool: Some(self) };
+        let conn = self.connect(deadline).await?;
+        slot.opened();
+        let mut g = self.inner.lock();
+        g.servers.insert(
+            conn.id,
+            ServerMeta {
+                target: conn.target.clone(),
+                backend_pid: conn.backend_pid,
+                local_port: conn.local_port,
+                connect_time: std::time::SystemTime::now(),
+            },
+        );
+        Ok(Box::new(conn))
     }
 
     /// Connects to the route's current target.
@@ -768,6 +768,27 @@ pub struct PoolCounts {
     pub idle: usize,
     pub waiters: usize,
     pub oldest_wait: Option<Duration>,
+}
+
+/// A slot counted in `total` for a connection being opened. Given back on drop unless the connection was opened:
+/// a connect that fails, or whose checkout is dropped mid-way, must not cost the pool its room.
+struct Opening<'a> {
+    pool: Option<&'a Pool>,
+}
+
+impl Opening<'_> {
+    /// The slot now belongs to an open connection.
+    fn opened(mut self) {
+        self.pool = None;
+    }
+}
+
+impl Drop for Opening<'_> {
+    fn drop(&mut self) {
+        if let Some(p) = self.pool {
+            p.give_back_slot();
+        }
+    }
 }
 
 /// A checked-out server connection; returned to the pool only by [`PooledConn::release`], closed otherwise.

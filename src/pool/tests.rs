@@ -1,0 +1,196 @@
+//! Checkouts against a stand-in server: however a checkout ends (served, expired, dropped while queued, while
+//! connecting or while its server is checked), the pool's count of connections stays exact and no waiter is left
+//! waiting while there is room for it.
+
+use std::sync::atomic::AtomicUsize;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::*;
+use crate::config::{Dur, PoolMode};
+use crate::server::Target;
+
+/// A stand-in PostgreSQL that lets anyone in (AuthenticationOk, ReadyForQuery) and answers every simple query with
+/// CommandComplete and ReadyForQuery, while the switches allow it.
+struct FakeServer {
+    port: u16,
+    /// Connections accepted, and those of them not yet hung up by the pool.
+    accepted: Arc<AtomicUsize>,
+    open: Arc<AtomicUsize>,
+    /// While false, new connections get no answer to their startup message.
+    logins: Arc<AtomicBool>,
+    /// While false, queries get no answer.
+    queries: Arc<AtomicBool>,
+}
+
+impl FakeServer {
+    /// `max_login_delay` holds each login back by up to that long (varied per connection), so that a checkout can
+    /// be given up while its connection is being opened.
+    async fn start(max_login_delay: Duration) -> FakeServer {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind 127.0.0.1:0");
+        let server = FakeServer {
+            port: l.local_addr().expect("bound").port(),
+            accepted: Default::default(),
+            open: Default::default(),
+            logins: Arc::new(AtomicBool::new(true)),
+            queries: Arc::new(AtomicBool::new(true)),
+        };
+        let (accepted, open) = (server.accepted.clone(), server.open.clone());
+        let (logins, queries) = (server.logins.clone(), server.queries.clone());
+        tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                let n = accepted.fetch_add(1, Ordering::Relaxed) as u64 + 1;
+                open.fetch_add(1, Ordering::Relaxed);
+                let delay = Duration::from_micros((n * 7919) % (max_login_delay.as_micros() as u64 + 1));
+                let login = logins.load(Ordering::Relaxed);
+                let (open, queries) = (open.clone(), queries.clone());
+                tokio::spawn(async move {
+                    serve_one(s, login.then_some(delay), &queries).await;
+                    open.fetch_sub(1, Ordering::Relaxed);
+                });
+            }
+        });
+        server
+    }
+
+    fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::Relaxed)
+    }
+
+    fn open(&self) -> usize {
+        self.open.load(Ordering::Relaxed)
+    }
+}
+
+/// Serves one connection until the peer hangs up; `login` is the delay before letting it in, `None` for never.
+async fn serve_one(mut s: TcpStream, login: Option<Duration>, queries: &AtomicBool) {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 1024];
+    let mut logged_in = false;
+    loop {
+        loop {
+            // The startup message has no type byte; every later message has one.
+            let head = usize::from(logged_in);
+            if buf.len() < head + 4 {
+                break;
+            }
+            let len = u32::from_be_bytes(buf[head..head + 4].try_into().expect("4 bytes")) as usize;
+            if buf.len() < head + len {
+                break;
+            }
+            let t = if logged_in { buf[0] } else { 0 };
+            buf.drain(..head + len);
+            let reply: &[u8] = match t {
+                0 => {
+                    let Some(delay) = login else { continue };
+                    tokio::time::sleep(delay).await;
+                    logged_in = true;
+                    b"R\0\0\0\x08\0\0\0\0Z\0\0\0\x05I"
+                }
+                b'Q' if queries.load(Ordering::Relaxed) => b"C\0\0\0\x0dSELECT 1\0Z\0\0\0\x05I",
+                _ => continue,
+            };
+            if s.write_all(reply).await.is_err() {
+                return;
+            }
+        }
+        match s.read(&mut chunk).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+/// A pool of `size` (plus `reserve`) in front of `server`, counted against the database's `limit`.
+fn pool_at(server: &FakeServer, user: &str, size: usize, reserve: usize, limit: &Arc<DbLimit>) -> Arc<Pool> {
+    pool_with(server, user, size, reserve, limit, |_| {})
+}
+
+/// `pool_at`, with `tune` adjusting the config first.
+fn pool_with(
+    server: &FakeServer,
+    user: &str,
+    size: usize,
+    reserve: usize,
+    limit: &Arc<DbLimit>,
+    tune: impl FnOnce(&mut Config),
+) -> Arc<Pool> {
+    let mut cfg = Config::default();
+    // No server_check_query unless a test asks for one: most checkouts then take no round trip.
+    cfg.proxy.server_check_query = String::new();
+    tune(&mut cfg);
+    let settings = PoolSettings {
+        pool_mode: PoolMode::Transaction,
+        pool_size: size,
+        min_pool_size: 0,
+        reserve_pool_size: reserve,
+        max_db_connections: cfg.proxy.max_db_connections,
+    };
+    let (_route_tx, route) = crate::routing::fixed(Target { host: "127.0.0.1".into(), port: server.port });
+    Arc::new(Pool::new(
+        PoolKey { database: "db".into(), user: user.into() },
+        Login { user: user.into(), database: "db".into(), secret: None, scram_keys: None },
+        settings,
+        Arc::new(ArcSwap::from_pointee(cfg)),
+        route,
+        false,
+        crate::observe::Metrics::new().pool("db", false),
+        limit.clone(),
+    ))
+}
+
+/// Waits up to 2 s for `f` to hold.
+async fn eventually(what: &str, f: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while !f() {
+        assert!(Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+fn soon() -> Option<Instant> {
+    Some(Instant::now() + Duration::from_secs(5))
+}
+
+#[tokio::test]
+async fn a_checkout_dropped_while_connecting_gives_its_slot_back() {
+    let server = FakeServer::start(Duration::ZERO).await;
+    let pool = pool_at(&server, "u", 1, 0, &Default::default());
+    // 1. Through `Step::Connect`: the server never answers the login, the client gives up.
+    server.logins.store(false, Ordering::Relaxed);
+    assert!(tokio::time::timeout(Duration::from_millis(50), pool.checkout(soon())).await.is_err());
+    assert_eq!(pool.counts().total, 0, "a connect given up mid-way still counts against the pool");
+    // 2. Through a `Grant::Slot`: a queued checkout is handed the room of a closed connection and opens its own.
+    server.logins.store(true, Ordering::Relaxed);
+    let held = pool.checkout(soon()).await.expect("the server lets this one in");
+    let p = pool.clone();
+    let queued = tokio::spawn(async move { p.checkout(soon()).await.map(drop) });
+    eventually("the second checkout queues", || pool.counts().waiters == 1).await;
+    server.logins.store(false, Ordering::Relaxed);
+    held.discard();
+    eventually("the queued checkout is connecting", || server.accepted() == 2).await;
+    queued.abort();
+    assert!(queued.await.expect_err("aborted").is_cancelled());
+    assert_eq!(pool.counts().total, 0, "a granted slot given up mid-connect still counts against the pool");
+    // The pool still serves.
+    server.logins.store(true, Ordering::Relaxed);
+    let c = tokio::time::timeout(Duration::from_secs(2), pool.checkout(soon())).await;
+    assert!(matches!(c, Ok(Ok(_))), "the pool lost its only slot");
+}
+
+#[tokio::test]
+async fn a_checkout_dropped_while_its_server_is_checked_closes_the_server() {
+    let server = FakeServer::start(Duration::ZERO).await;
+    let pool = pool_with(&server, "u", 1, 0, &Default::default(), |c| {
+        c.proxy.server_check_query = "select 1".into();
+        c.proxy.server_check_delay = Dur(Duration::ZERO);
+    });
+    pool.checkout(soon()).await.expect("connects").release();
+    assert_eq!(pool.counts().idle, 1);
+    // The idle server is checked before use, and the check never comes back.
+    server.queries.store(false, Ordering::Relaxed);
+    assert!(tokio::time::timeout(Duration::from_millis(50), pool.checkout(soon())).await.is_err());
+    assert_eq!(pool.counts().total, 0, "a server dropped mid-check still counts against the pool");
+    eventually("the server dropped mid-check is closed", || server.open() == 0).await;
+}
