@@ -140,6 +140,18 @@ fn pool_with(
     ))
 }
 
+/// The app's janitor tends the queue every 100 ms; here every 5 ms.
+fn tend(pools: Vec<Arc<Pool>>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            for p in &pools {
+                p.tend_waiters(Instant::now());
+            }
+        }
+    })
+}
+
 /// Waits up to 2 s for `f` to hold.
 async fn eventually(what: &str, f: impl Fn() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(2);
@@ -193,4 +205,30 @@ async fn a_checkout_dropped_while_its_server_is_checked_closes_the_server() {
     assert!(tokio::time::timeout(Duration::from_millis(50), pool.checkout(soon())).await.is_err());
     assert_eq!(pool.counts().total, 0, "a server dropped mid-check still counts against the pool");
     eventually("the server dropped mid-check is closed", || server.open() == 0).await;
+}
+
+/// max_db_connections is shared by every pool of a database: room freed in one pool must reach a client queued in
+/// another, which has nothing of its own to hand over.
+#[tokio::test]
+async fn a_waiter_held_back_by_max_db_connections_gets_room_freed_by_another_pool() {
+    let server = FakeServer::start(Duration::ZERO).await;
+    let limit = Arc::new(DbLimit::default());
+    let tune = |c: &mut Config| c.proxy.max_db_connections = 1;
+    let a = pool_with(&server, "a", 2, 0, &limit, tune);
+    let b = pool_with(&server, "b", 2, 0, &limit, tune);
+    let janitor = tend(vec![a.clone(), b.clone()]);
+    let held = a.checkout(soon()).await.expect("the database's only connection");
+    let b2 = b.clone();
+    let queued = tokio::spawn(async move {
+        let t0 = Instant::now();
+        b2.checkout(Some(t0 + Duration::from_secs(3))).await.map(|c| (c, t0.elapsed()))
+    });
+    eventually("b's checkout queues behind the database limit", || b.counts().waiters == 1).await;
+    held.discard();
+    let (c, waited) = queued.await.expect("no panic").expect("b gets the room a freed");
+    eprintln!("b waited {waited:?}");
+    assert!(waited < Duration::from_secs(1), "{waited:?}");
+    assert_eq!(limit.open.load(Ordering::Relaxed), 1);
+    drop(c);
+    janitor.abort();
 }
