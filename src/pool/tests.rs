@@ -232,3 +232,118 @@ async fn a_waiter_held_back_by_max_db_connections_gets_room_freed_by_another_poo
     drop(c);
     janitor.abort();
 }
+
+/// A small xorshift: the stress test needs varied choices, not good randomness.
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
+/// Many tasks on several threads check out from a pool of 2 (+1 reserve after 2 ms) and end their checkouts every
+/// way there is; every checkout that is not given up must be served within a bound, and at the end the pool's
+/// count must match the connections the server holds, all of them usable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn checkouts_from_many_tasks_are_all_served_and_the_count_stays_exact() {
+    const TASKS: u64 = 16;
+    const OPS: u64 = 400;
+    let server = FakeServer::start(Duration::from_micros(300)).await;
+    let pool = pool_with(&server, "u", 2, 1, &Default::default(), |c| {
+        c.proxy.reserve_pool_timeout = Dur(Duration::from_millis(2));
+        // Idle checkouts run server_check_query once their server sat 200 µs: some do, some do not.
+        c.proxy.server_check_query = "select 1".into();
+        c.proxy.server_check_delay = Dur(Duration::from_micros(200));
+    });
+    let janitor = tend(vec![pool.clone()]);
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..TASKS)
+        .map(|i| {
+            let pool = pool.clone();
+            tokio::spawn(async move {
+                let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ (i + 1).wrapping_mul(0x2545_F491_4F6C_DD1D));
+                let (mut served, mut given_up) = (0u64, 0u64);
+                for _ in 0..OPS {
+                    match rng.below(8) {
+                        // Given up after up to 3 ms: dropped while queued, while connecting, while checked, or not
+                        // at all; the first poll alone when the timeout is 0.
+                        0 => {
+                            let within = Duration::from_micros(rng.below(3000));
+                            match tokio::time::timeout(within, pool.checkout(soon())).await {
+                                Ok(c) => drop(c.expect("served")),
+                                Err(_) => given_up += 1,
+                            }
+                        }
+                        // A deadline that may pass while queued: served or told query_wait_timeout.
+                        1 => match pool.checkout(Some(Instant::now() + Duration::from_millis(1))).await {
+                            Ok(c) => c.release(),
+                            Err(Error::Timeout("query_wait_timeout")) => given_up += 1,
+                            Err(e) => panic!("checkout failed: {e}"),
+                        },
+                        _ => {
+                            let t0 = Instant::now();
+                            let c = pool.checkout(Some(t0 + Duration::from_secs(10))).await.expect("served");
+                            let waited = t0.elapsed();
+                            assert!(waited < Duration::from_secs(5), "a checkout waited {waited:?}");
+                            served += 1;
+                            for _ in 0..rng.below(3) {
+                                tokio::task::yield_now().await;
+                            }
+                            match rng.below(8) {
+                                0 => c.discard(),
+                                1 => drop(c),
+                                _ => c.release(),
+                            }
+                        }
+                    }
+                }
+                (served, given_up)
+            })
+        })
+        .collect();
+    let (mut served, mut given_up) = (0, 0);
+    for t in tasks {
+        // A lost wake-up shows as a checkout that never ends: fail instead of hanging.
+        let (s, g) = tokio::time::timeout(Duration::from_secs(30), t).await.expect("a task hung").expect("no panic");
+        served += s;
+        given_up += g;
+    }
+    janitor.abort();
+    let c = pool.counts();
+    eprintln!("{served} served, {given_up} given up in {:?}; pool {c:?}", started.elapsed());
+    assert!(pool.max_wait_us.load(Ordering::Relaxed) > 0, "no checkout ever waited: the queue was not exercised");
+    assert_eq!(c.waiters, 0);
+    assert_eq!(c.total, c.idle, "nothing is checked out or being opened any more");
+    assert!(c.total <= 3, "{c:?}");
+    eventually("the server holds exactly the pool's connections", || server.open() == pool.counts().total).await;
+    // Every slot is usable: three checkouts at once (the third after the reserve timeout).
+    let all: Vec<_> = (0..3).map(|_| pool.checkout(soon())).collect();
+    let all = tokio::time::timeout(Duration::from_secs(2), futures_join(all)).await.expect("the pool lost slots");
+    assert!(all.iter().all(Result::is_ok));
+}
+
+/// Polls the checkouts together on this task.
+async fn futures_join<F: std::future::Future>(futs: Vec<F>) -> Vec<F::Output> {
+    let mut futs: Vec<_> = futs.into_iter().map(Box::pin).collect();
+    let mut out: Vec<Option<F::Output>> = futs.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        for (f, o) in futs.iter_mut().zip(out.iter_mut()) {
+            if o.is_none() {
+                if let Poll::Ready(v) = f.as_mut().poll(cx) {
+                    *o = Some(v);
+                }
+            }
+        }
+        if out.iter().all(Option::is_some) {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    })
+    .await;
+    out.into_iter().map(|o| o.expect("all ready")).collect()
+}
