@@ -404,7 +404,7 @@ async fn janitor(shared: Arc<Shared>) {
         client_timeouts(&shared);
         let now = Instant::now();
         for p in shared.pools.iter() {
-            p.expire_waiters(now);
+            p.tend_waiters(now);
         }
         if n.is_multiple_of(10) {
             for p in shared.pools.iter() {

@@ -2,6 +2,8 @@
 //! discards its server unless it is explicitly released clean.
 
 mod queue;
+#[cfg(test)]
+mod tests;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
@@ -285,7 +287,7 @@ impl Pool {
                     }
                     // Awaited in the same poll as `step`, with the waker it queued (see `Turn::fresh`).
                     let turn = Turn { pool: self, ticket: Some(ticket), fresh: true };
-                    // The deadline is enforced by `expire_waiters` (run by the janitor every 100 ms), so a wait costs
+                    // The deadline is enforced by `tend_waiters` (run by the janitor every 100 ms), so a wait costs
                     // no timer; only a pending reserve pool needs one.
                     let grant = match reserve_at {
                         None => Some(turn.await),
@@ -392,37 +394,35 @@ impl Pool {
         }
         if self.check_due(&conn, now) {
             let query = self.config.load().proxy.server_check_query.clone();
-            let ok = tokio::time::timeout(Duration::from_secs(5), conn.execute(&query)).await;
+            // Guarded while the check runs: a checkout dropped meanwhile closes the server and frees its slot.
+            let mut guard = PooledConn { conn: Some(conn), pool: self.clone(), got_at: now };
+            let ok = tokio::time::timeout(Duration::from_secs(5), guard.execute(&query)).await;
             if !matches!(ok, Ok(Ok(()))) {
-                debug!(pool = %self.key.database, server = conn.id, "server check failed, dropping it");
-                self.forget(conn);
+                debug!(pool = %self.key.database, server = guard.id, "server check failed, dropping it");
+                guard.discard();
                 return None;
             }
+            conn = guard.conn.take().expect("conn is Some until release/discard consume the guard");
         }
         Some(conn)
     }
 
     /// Opens a new connection for a slot already counted in `total`, giving up at `deadline`.
     async fn open(self: &Arc<Self>, deadline: Option<Instant>) -> Result<Box<ServerConn>> {
-        match self.connect(deadline).await {
-            Ok(conn) => {
-                let mut g = self.inner.lock();
-                g.servers.insert(
-                    conn.id,
-                    ServerMeta {
-                        target: conn.target.clone(),
-                        backend_pid: conn.backend_pid,
-                        local_port: conn.local_port,
-                        connect_time: std::time::SystemTime::now(),
-                    },
-                );
-                Ok(Box::new(conn))
-            }
-            Err(e) => {
-                self.give_back_slot();
-                Err(e)
-            }
-        }
+        let slot = Opening { pool: Some(self) };
+        let conn = self.connect(deadline).await?;
+        slot.opened();
+        let mut g = self.inner.lock();
+        g.servers.insert(
+            conn.id,
+            ServerMeta {
+                target: conn.target.clone(),
+                backend_pid: conn.backend_pid,
+                local_port: conn.local_port,
+                connect_time: std::time::SystemTime::now(),
+            },
+        );
+        Ok(Box::new(conn))
     }
 
     /// Connects to the route's current target.
@@ -570,12 +570,35 @@ impl Pool {
         Ok(conn)
     }
 
-    /// Tells waiters whose deadline has passed (query_wait_timeout) to give up. Called by the janitor.
-    pub fn expire_waiters(&self, now: Instant) {
-        let woken = self.inner.lock().queue.expire(now);
+    /// The janitor's look at the queue (every 100 ms): waiters whose deadline has passed give up
+    /// (query_wait_timeout), and waiters held back by max_db_connections get the room that another pool of the
+    /// database freed. Nothing else hands them that room: a pool hands what it frees to its own queue only.
+    pub fn tend_waiters(&self, now: Instant) {
+        let woken = {
+            let mut g = self.inner.lock();
+            let mut woken = g.queue.expire(now);
+            woken.extend(self.admit(&mut g));
+            woken
+        };
         for w in woken {
             w.wake();
         }
+    }
+
+    /// Grants room to open a connection to queued checkouts, in queue order, while the pool is below pool_size and
+    /// the database below max_db_connections; returns the wakers to wake once the lock is released.
+    fn admit(&self, g: &mut Inner) -> Vec<Waker> {
+        let mut woken = Vec::new();
+        let t = g.tuning;
+        while g.total < t.pool_size
+            && (t.max_db_connections == 0 || self.db_limit.open.load(Ordering::Relaxed) < t.max_db_connections)
+        {
+            let Ok(w) = g.queue.grant_first(Grant::Slot) else { break };
+            g.total += 1;
+            self.db_limit.open.fetch_add(1, Ordering::Relaxed);
+            woken.push(w);
+        }
+        woken
     }
 
     /// A slot counted in `total` is free again: hand it to the first live waiter, or shrink.
@@ -601,8 +624,7 @@ impl Pool {
         let cfg = self.config.load();
         self.check_after_us.store(check_after_us(&cfg), Ordering::Relaxed);
         let mut closed = Vec::new();
-        let mut woken = Vec::new();
-        {
+        let woken = {
             let mut g = self.inner.lock();
             g.tuning = Tuning::new(&s, &cfg);
             while g.total > s.pool_size {
@@ -612,13 +634,8 @@ impl Pool {
                 self.db_limit.open.fetch_sub(1, Ordering::Relaxed);
                 closed.push(c);
             }
-            while g.total < s.pool_size {
-                let Ok(w) = g.queue.grant_first(Grant::Slot) else { break };
-                g.total += 1;
-                self.db_limit.open.fetch_add(1, Ordering::Relaxed);
-                woken.push(w);
-            }
-        }
+            self.admit(&mut g)
+        };
         for w in woken {
             w.wake();
         }
@@ -768,6 +785,27 @@ pub struct PoolCounts {
     pub idle: usize,
     pub waiters: usize,
     pub oldest_wait: Option<Duration>,
+}
+
+/// A slot counted in `total` for a connection being opened. Given back on drop unless the connection was opened:
+/// a connect that fails, or whose checkout is dropped mid-way, must not cost the pool its room.
+struct Opening<'a> {
+    pool: Option<&'a Pool>,
+}
+
+impl Opening<'_> {
+    /// The slot now belongs to an open connection.
+    fn opened(mut self) {
+        self.pool = None;
+    }
+}
+
+impl Drop for Opening<'_> {
+    fn drop(&mut self) {
+        if let Some(p) = self.pool {
+            p.give_back_slot();
+        }
+    }
 }
 
 /// A checked-out server connection; returned to the pool only by [`PooledConn::release`], closed otherwise.

@@ -18,7 +18,7 @@ use std::process::Command;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use common::{connect, free_port, msg, psql_at, try_connect, Relay};
+use common::{connect, free_port, msg, psql_at, relay_ports, try_connect, Relay};
 
 /// Patroni's superuser (see scripts/lab.d/patroni.yml.in); the test userlist uses the same password.
 const PG_PASSWORD: &str = "postgres";
@@ -231,8 +231,7 @@ fn start_relay(lab: &Lab) -> Relay {
 
 /// `start_relay` with more TOML appended (more databases).
 fn start_relay_with(lab: &Lab, extra: &str) -> Relay {
-    let port = free_port();
-    let metrics_port = free_port();
+    let (port, metrics_port) = relay_ports();
     let dir = tempfile::Builder::new().prefix("pgrelay-patroni-").tempdir().expect("tempdir");
     std::fs::write(
         dir.path().join("userlist.txt"),

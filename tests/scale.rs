@@ -25,8 +25,7 @@ fn raise_nofile() -> u64 {
 
 /// A relay with trust auth for clients (the server login still uses the userlist password).
 fn trust_relay(pg: &Pg, pool_size: usize) -> Relay {
-    let port = free_port();
-    let metrics_port = free_port();
+    let (port, metrics_port) = relay_ports();
     let dir = tempfile::Builder::new().prefix("pgrelay-scale-").tempdir().unwrap();
     std::fs::write(dir.path().join("userlist.txt"), USERLIST).unwrap();
     let cfg = format!(

@@ -275,6 +275,47 @@ mod tests {
     }
 
     #[test]
+    fn a_grant_before_the_first_poll_wakes_the_queued_waker_and_waits_in_the_slot() {
+        // `Turn::fresh`: the first poll does not look, so a grant made between `push` and that poll must have woken
+        // the waker given to `push`, and must still be there for the next poll.
+        let mut q = WaitQueue::default();
+        let (count, w) = waker();
+        let t = q.push(w.clone(), Instant::now(), None);
+        q.grant_first(Grant::Slot).map(Waker::wake).unwrap_or_else(|_| panic!("a live waiter"));
+        assert_eq!(count.0.load(Ordering::Relaxed), 1);
+        assert!(matches!(q.poll(t, &w), Some(Grant::Slot)));
+    }
+
+    #[test]
+    fn a_grant_wakes_the_waker_of_the_latest_poll() {
+        let mut q = WaitQueue::default();
+        let (first_count, first) = waker();
+        let (second_count, second) = waker();
+        let t = q.push(first, Instant::now(), None);
+        // Polled again from another task (or through another combinator): the new waker replaces the old one.
+        assert!(q.poll(t, &second).is_none());
+        q.grant_first(Grant::Slot).map(Waker::wake).unwrap_or_else(|_| panic!("a live waiter"));
+        assert_eq!(first_count.0.load(Ordering::Relaxed), 0);
+        assert_eq!(second_count.0.load(Ordering::Relaxed), 1);
+        assert!(matches!(q.poll(t, &second), Some(Grant::Slot)));
+    }
+
+    #[test]
+    fn an_expired_waiter_is_passed_over_by_later_grants() {
+        let mut q = WaitQueue::default();
+        let now = Instant::now();
+        let (_, w) = waker();
+        let late = q.push(w.clone(), now, Some(now));
+        let next = q.push(w.clone(), now, None);
+        assert_eq!(q.expire(now).len(), 1);
+        // The expired waiter keeps its Expired; the grant goes to the one behind it.
+        assert!(q.grant_first(Grant::Slot).is_ok());
+        assert!(matches!(q.poll(late, &w), Some(Grant::Expired)));
+        assert!(matches!(q.poll(next, &w), Some(Grant::Slot)));
+        assert!(q.grant_first(Grant::Slot).is_err());
+    }
+
+    #[test]
     fn a_grant_that_races_a_cancel_is_returned() {
         let mut q = WaitQueue::default();
         let (_, w) = waker();

@@ -27,6 +27,20 @@ pub fn free_port() -> u16 {
     l.local_addr().unwrap().port()
 }
 
+/// Free ports for a relay's client and metrics listeners, never the same one. `free_port` can return the port it
+/// returned just before (the probe is closed), and pgrelay binds both listeners with SO_REUSEPORT, so one port for
+/// both would not fail: the kernel would share the connections between the two listeners, and a client that lands
+/// on the metrics one waits for an HTTP request timeout (120 s) before it is hung up on.
+pub fn relay_ports() -> (u16, u16) {
+    let port = free_port();
+    loop {
+        let metrics_port = free_port();
+        if metrics_port != port {
+            return (port, metrics_port);
+        }
+    }
+}
+
 fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc_geteuid() == 0 }
@@ -221,8 +235,7 @@ impl Relay {
 
     /// Like `start`, with database `postgres` on 127.0.0.1:`server_port` (e.g. a recording forwarder).
     pub fn start_at(server_port: u16, proxy_extra: &str, tail: &str) -> Relay {
-        let port = free_port();
-        let metrics_port = free_port();
+        let (port, metrics_port) = relay_ports();
         let dir = tempfile::Builder::new().prefix("pgrelay-relay-").tempdir().expect("tempdir");
         std::fs::write(dir.path().join("userlist.txt"), USERLIST).unwrap();
         let cfg = format!(
