@@ -19,8 +19,9 @@
 # Options:
 #   -w LIST        workloads, comma separated (default: all built-in ones, see below)
 #   -W 'NAME:ARGS' define/override a workload (pgbench args without -T), repeatable
-#   -t LIST        targets, comma separated, from direct,pgbouncer,pgrelay,pgrelay-noobs
-#                  (default direct,pgbouncer,pgrelay)
+#   -t LIST        targets, comma separated, from direct,pgbouncer,pgrelay,pgrelay-noobs,pgrelay-busypoll
+#                  (default direct,pgbouncer,pgrelay); pgrelay-busypoll = pgrelay with busy_poll = "$BUSY_POLL"
+#                  (environment, default 200us)
 #   --observability off
 #                  observability comparison mode: targets pgrelay (observability = true) and
 #                  pgrelay-noobs (observability = false), unless -t says otherwise;
@@ -150,7 +151,7 @@ fi
 TARGETS=${TARGETS//,/ }
 WORKLOADS=${WORKLOADS//,/ }
 for t in $TARGETS; do
-  case "$t" in direct|pgbouncer|pgrelay|pgrelay-noobs) ;; *) die "unknown target '$t'" ;; esac
+  case "$t" in direct|pgbouncer|pgrelay|pgrelay-noobs|pgrelay-busypoll) ;; *) die "unknown target '$t'" ;; esac
 done
 for w in $WORKLOADS; do [ -n "${WL[$w]:-}" ] || die "unknown workload '$w'"; done
 wl_args() { echo "${WL_FOR[$1/$2]:-${WL[$1]}}"; }          # wl_args WORKLOAD TARGET
@@ -372,7 +373,13 @@ if [[ " $TARGETS " == *" pgrelay"* ]]; then
   chown postgres:postgres "$TMP/userlist.txt"
 fi
 for t in $TARGETS; do
-  case "$t" in pgrelay) obs=true ;; pgrelay-noobs) obs=false ;; *) continue ;; esac
+  extra=
+  case "$t" in
+    pgrelay) obs=true ;;
+    pgrelay-noobs) obs=false ;;
+    pgrelay-busypoll) obs=true; extra="busy_poll = \"${BUSY_POLL:-200us}\"" ;;
+    *) continue ;;
+  esac
   PORT[$t]=$(free_port) || die "no free port"
   mport=$(free_port) || die "no free port"
   cat >"$TMP/$t.toml" <<EOF
@@ -384,6 +391,7 @@ default_pool_size = $POOL
 min_pool_size = 0
 reserve_pool_size = 0
 observability = $obs
+$extra
 
 [auth]
 type = "md5"
@@ -454,7 +462,7 @@ GIT_DIRTY=$(git -C "$REPO" status --porcelain --untracked-files=no 2>/dev/null |
   echo "# pgbench: $(pgbench --version)"
   [[ " $TARGETS " == *" pgbouncer "* ]] && echo "# pgbouncer: $(pgbouncer --version | head -1)"
   [[ " $TARGETS " == *" pgrelay"* ]] && echo "# pgrelay: commit $GIT_REV$GIT_DIRTY (last src change $SRC_REV) binary $PGRELAY_BIN sha256 $(sha256sum "$TMP/pgrelay" | cut -c1-16)"
-  echo "# settings: rounds=$ROUNDS duration=${DURATION}s pool=$POOL scale=$SCALE proxy->postgres=$TRANSPORT auth=md5 warmup=${WARMUP}s"
+  echo "# settings: rounds=$ROUNDS duration=${DURATION}s pool=$POOL scale=$SCALE proxy->postgres=$TRANSPORT auth=md5 warmup=${WARMUP}s order=rotating per round"
   echo "# limits: postgres max_connections=$MAX_CONNECTIONS (direct runs up to $DIRECT_MAX_CLIENTS clients) proxies max_client_conn=$PROXY_MAX_CLIENT_CONN ulimit -n $NOFILE"
   if [ "$NEED_TLS" = 1 ]; then
     echo "# tls: clients of tls* workloads connect with sslmode=require, others with sslmode=disable; self-signed RSA 2048 certificate ($(openssl version | cut -d' ' -f1-2)); postgres ssl=on, pgbouncer client_tls_sslmode=allow, pgrelay [tls] mode=allow; proxy->postgres without TLS"
@@ -570,10 +578,16 @@ if [ "$WARMUP" -gt 0 ]; then
 fi
 
 # ---------- main loop: workload -> round -> target (interleaved) ----------
+# The order of the targets rotates by one each round: the position in a round matters on a small noisy machine
+# (with a fixed order, pgrelay ran 0.85x pgBouncer on select-simple behind it and 1.03x in front of it, same
+# binaries), so with ROUNDS a multiple of the number of targets every target runs in every position equally often.
 echo "== runs"
+read -r -a TARGET_LIST <<<"$TARGETS"
 for w in $WORKLOADS; do
   for ((r = 1; r <= ROUNDS; r++)); do
-    for t in $TARGETS; do
+    n_t=${#TARGET_LIST[@]}
+    for ((i = 0; i < n_t; i++)); do
+      t=${TARGET_LIST[$(((i + r - 1) % n_t))]}
       run_one "$w" "$t" "$r"
       sleep "$PAUSE"
     done

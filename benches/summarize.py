@@ -16,7 +16,7 @@ import sys
 from xml.sax.saxutils import escape
 
 NOISE_FRAC = 0.10
-ORDER = ['direct', 'pgbouncer', 'pgrelay', 'pgrelay-noobs']
+ORDER = ['direct', 'pgbouncer', 'pgrelay', 'pgrelay-noobs', 'pgrelay-busypoll']
 NUMERIC = ('tps', 'lat_avg_ms', 'p50_ms', 'p99_ms', 'p999_ms', 'n_tx', 'failed_tx', 'aborted_clients', 'rc',
            'proxy_user_s', 'proxy_sys_s', 'proxy_vcs', 'proxy_nvcs', 'pg_cpu_s', 'pgbench_cpu_s',
            'sys_busy_s', 'sys_ctxt', 'wall_s')
@@ -99,7 +99,7 @@ def per_tx_n(r, v):
 # ---------- latency chart ----------
 
 PCT_ORDER = ['p1', 'p5', 'p10', 'p25', 'p50', 'p75', 'p90', 'p95', 'p99', 'p99.5', 'p99.9', 'p99.99']
-COLOURS = {'direct': '#6b6b6b', 'pgbouncer': '#1f6fb4', 'pgrelay': '#e07b00', 'pgrelay-noobs': '#2a9d4a'}
+COLOURS = {'direct': '#6b6b6b', 'pgbouncer': '#1f6fb4', 'pgrelay': '#e07b00', 'pgrelay-noobs': '#2a9d4a', 'pgrelay-busypoll': '#9b3fb5'}
 X_MAX = 4.0      # p99.99 on the -log10(1 - q) axis
 X_OF_MAX = 4.7   # where the max point is drawn, past p99.99
 
@@ -380,10 +380,19 @@ def summarize(d, frac):
                  + f', machine CPU/txn x{fmt(mq, 2)}')
             return s
         for a, b in (('pgrelay', 'pgbouncer'), ('pgrelay', 'direct'), ('pgbouncer', 'direct'),
-                     ('pgrelay-noobs', 'pgrelay')):
+                     ('pgrelay-noobs', 'pgrelay'), ('pgrelay-busypoll', 'pgbouncer'), ('pgrelay-busypoll', 'pgrelay')):
             l = ratio_line(a, b)
             if l:
                 notes.append(l)
+        # Latency a proxy adds: its median p50 minus direct's, and that against pgBouncer's.
+        p50 = {t: med([r['p50_ms'] for r in use[t] if r['p50_ms'] is not None]) for t in stats}
+        if p50.get('direct') is not None and p50.get('pgbouncer') is not None:
+            base = p50['pgbouncer'] - p50['direct']
+            for t in ('pgrelay', 'pgrelay-noobs', 'pgrelay-busypoll'):
+                if p50.get(t) is not None:
+                    add = p50[t] - p50['direct']
+                    notes.append(f'{t}: p50 added over direct {fmt(add * 1000, 1)} us, pgbouncer {fmt(base * 1000, 1)} us'
+                                 + (f' (x{fmt(add / base, 2)})' if base > 0 else ''))
         if 'pgrelay-noobs' in stats and 'pgrelay' in stats:
             q = paired('pgrelay-noobs', 'pgrelay')[0]
             if q:

@@ -483,6 +483,15 @@ impl Config {
         if !self.metrics.listen.is_empty() && self.metrics.listen.parse::<std::net::SocketAddr>().is_err() {
             return Err(bad("metrics.listen", "expected an address like 127.0.0.1:9091"));
         }
+        if let (Ok(p), Ok(m)) =
+            (self.proxy.listen.parse::<std::net::SocketAddr>(), self.metrics.listen.parse::<std::net::SocketAddr>())
+        {
+            // Both are bound with SO_REUSEPORT (for upgrades), so a shared port would not fail to bind: the kernel
+            // would split incoming connections between the client listener and the HTTP one.
+            if p.port() == m.port() && (p.ip() == m.ip() || p.ip().is_unspecified() || m.ip().is_unspecified()) {
+                return Err(bad("metrics.listen", "must not be the address of proxy.listen"));
+            }
+        }
         if self.proxy.default_pool_size == 0 {
             return Err(bad("proxy.default_pool_size", "must be at least 1"));
         }
@@ -729,6 +738,26 @@ mod tests {
         c.auth.kind = AuthType::Trust;
         let e = c.validate(Path::new("t.toml")).unwrap_err();
         assert!(e.to_string().contains("databases.app.host"), "{e}");
+    }
+
+    #[test]
+    fn metrics_listen_must_differ_from_proxy_listen() {
+        let check = |proxy: &str, metrics: &str| {
+            let t = format!(
+                "[proxy]\nlisten = \"{proxy}\"\n[metrics]\nlisten = \"{metrics}\"\n[databases.app]\nhost = \"h\"\n"
+            );
+            let mut c = Config::parse(&t, Path::new("t.toml")).unwrap();
+            c.auth.kind = AuthType::Trust;
+            c.validate(Path::new("t.toml"))
+        };
+        for (p, m) in
+            [("127.0.0.1:6432", "127.0.0.1:6432"), ("0.0.0.0:6432", "127.0.0.1:6432"), ("127.0.0.1:7", "0.0.0.0:7")]
+        {
+            let e = check(p, m).unwrap_err();
+            assert!(e.to_string().contains("metrics.listen"), "{p} {m}: {e}");
+        }
+        check("127.0.0.1:6432", "127.0.0.1:9091").unwrap();
+        check("127.0.0.1:6432", "127.0.0.2:6432").unwrap();
     }
 
     #[test]
