@@ -11,6 +11,7 @@ import csv
 import json
 import math
 import os
+import re
 import statistics as st
 import sys
 from xml.sax.saxutils import escape
@@ -384,9 +385,11 @@ def summarize(d, frac):
             l = ratio_line(a, b)
             if l:
                 notes.append(l)
-        # Latency a proxy adds: its median p50 minus direct's, and that against pgBouncer's.
+        # Latency a proxy adds: its median p50 minus direct's, and that against pgBouncer's. Only with one client:
+        # with more, the p50 is mostly queueing, and with -C it is mostly connecting.
         p50 = {t: med([r['p50_ms'] for r in use[t] if r['p50_ms'] is not None]) for t in stats}
-        if p50.get('direct') is not None and p50.get('pgbouncer') is not None:
+        single = all(re.search(r'(^| )-c *1( |$)', a) and ' -C' not in f' {a}' for a in args0)
+        if single and p50.get('direct') is not None and p50.get('pgbouncer') is not None:
             base = p50['pgbouncer'] - p50['direct']
             for t in ('pgrelay', 'pgrelay-noobs', 'pgrelay-busypoll'):
                 if p50.get(t) is not None:
