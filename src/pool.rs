@@ -29,10 +29,47 @@ pub struct PoolKey {
     pub user: String,
 }
 
-/// Server-connection count shared by every pool of one database (for max_db_connections).
+/// Server-connection count shared by every pool of one database (for max_db_connections), and those pools.
 #[derive(Default)]
 pub struct DbLimit {
     pub open: AtomicUsize,
+    /// The pools of the database (one per user): at the limit, a pool closes an idle connection of another one
+    /// rather than make its client wait for that connection's idle timeout (pgBouncer does the same).
+    pools: Mutex<Vec<std::sync::Weak<Pool>>>,
+}
+
+impl DbLimit {
+    /// Adds a pool of this database.
+    pub fn register(&self, pool: &Arc<Pool>) {
+        let mut pools = self.pools.lock();
+        pools.retain(|p| p.strong_count() > 0);
+        if !pools.iter().any(|p| std::ptr::eq(p.as_ptr(), Arc::as_ptr(pool))) {
+            pools.push(Arc::downgrade(pool));
+        }
+    }
+
+    /// Closes the longest-idle connection of another pool of the database, if one is idle; true if it did.
+    /// Called with `me`'s lock held, so the others are only tried (two pools evicting from each other at once must
+    /// not wait on each other).
+    fn evict_idle(&self, me: &Pool) -> bool {
+        let pools: Vec<Arc<Pool>> = self.pools.lock().iter().filter_map(|p| p.upgrade()).collect();
+        for p in pools.iter().filter(|p| !std::ptr::eq(Arc::as_ptr(p), me)) {
+            let Some(mut g) = p.inner.try_lock() else { continue };
+            if g.idle.is_empty() {
+                continue;
+            }
+            // The idle list is used last-in first-out: its front has waited longest.
+            let conn = g.idle.remove(0);
+            g.servers.remove(&conn.id);
+            g.total -= 1;
+            drop(g);
+            self.open.fetch_sub(1, Ordering::Relaxed);
+            debug!(pool = %p.key.database, user = %p.key.user, server = conn.id, "closing an idle server for another user's pool (max_db_connections)");
+            close_now(conn);
+            return true;
+        }
+        false
+    }
 }
 
 /// Counters behind SHOW STATS; plain atomics bumped once per query or transaction.
@@ -360,7 +397,9 @@ impl Pool {
         let t = g.tuning;
         let reserve = *reserve.get_or_insert(t.reserve_pool_size > 0 && t.reserve_after.is_zero());
         let limit = t.pool_size + if reserve { t.reserve_pool_size } else { 0 };
-        let db_ok = t.max_db_connections == 0 || self.db_limit.open.load(Ordering::Relaxed) < t.max_db_connections;
+        let db_ok = t.max_db_connections == 0
+            || self.db_limit.open.load(Ordering::Relaxed) < t.max_db_connections
+            || (g.total < limit && self.db_limit.evict_idle(self));
         if g.total < limit && db_ok {
             g.total += 1;
             self.db_limit.open.fetch_add(1, Ordering::Relaxed);
@@ -591,7 +630,10 @@ impl Pool {
         let mut woken = Vec::new();
         let t = g.tuning;
         while g.total < t.pool_size
-            && (t.max_db_connections == 0 || self.db_limit.open.load(Ordering::Relaxed) < t.max_db_connections)
+            && g.queue.live().0 > 0
+            && (t.max_db_connections == 0
+                || self.db_limit.open.load(Ordering::Relaxed) < t.max_db_connections
+                || self.db_limit.evict_idle(self))
         {
             let Ok(w) = g.queue.grant_first(Grant::Slot) else { break };
             g.total += 1;
@@ -661,9 +703,18 @@ impl Pool {
         self.hand_over(g, conn);
     }
 
-    /// Passes on a connection granted to a checkout that gave up before taking it.
+    /// Passes on a connection granted to a checkout that gave up before taking it, with the checks of a checkin:
+    /// the route, lifetime, pool size or pool may have changed since it was granted.
     fn pass_on(&self, conn: Box<ServerConn>) {
-        self.hand_over(self.inner.lock(), conn);
+        let mut g = self.inner.lock();
+        g.refresh_route();
+        let now = Instant::now();
+        if g.total > g.tuning.cap() || !g.is_usable(&conn, now) || self.retired.load(Ordering::Relaxed) {
+            drop(g);
+            self.forget(conn);
+            return;
+        }
+        self.hand_over(g, conn);
     }
 
     /// Gives an idle connection to the first waiter, or puts it on the idle list; wakes the waiter unlocked.

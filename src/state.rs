@@ -291,7 +291,7 @@ impl Shared {
         let dbc = cfg.databases.get(database)?;
         let route = self.route(database)?;
         let login = self.login_for(&key, dbc);
-        let limit = self.db_limits.entry(database.to_string()).or_default().clone();
+        let limit: Arc<crate::pool::DbLimit> = self.db_limits.entry(database.to_string()).or_default().clone();
         let metrics = self.metrics.pool(database, cfg.proxy.observability);
         let pool = Arc::new(Pool::new(
             key.clone(),
@@ -301,9 +301,11 @@ impl Shared {
             route,
             dbc.patroni.is_some() && dbc.role != Some(crate::config::DbRole::Replica),
             metrics,
-            limit,
+            limit.clone(),
         ));
-        Some(self.pools.entry(key).or_insert(pool).clone())
+        let pool = self.pools.entry(key).or_insert(pool).clone();
+        limit.register(&pool);
+        Some(pool)
     }
 }
 

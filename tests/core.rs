@@ -595,3 +595,32 @@ async fn busy_poll_relays_and_goes_quiet_when_idle() {
     // And it wakes up again for the next query.
     assert_eq!(c.query_one(&stmt, &[&41i64]).await.unwrap().get::<_, i64>(0), 42);
 }
+
+/// `max_db_connections` with two users: the second user's query gets the database's only server connection by
+/// closing the first user's idle one (as pgBouncer does), instead of waiting for its idle timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_db_connections_closes_another_users_idle_server_to_make_room() {
+    let pg = Pg::start();
+    pg.psql("create role stats login password 'stats'");
+    // No health collector: its own connection to the database would show in the count below.
+    let relay = Relay::start(&pg, "max_db_connections = 1\nquery_wait_timeout = \"5s\"", "[health]\nenabled = false");
+    let a = relay.connect().await;
+    assert_eq!(a.query_one("select 1", &[]).await.unwrap().get::<_, i32>(0), 1);
+    // a's connection is idle in the pool of (postgres, postgres); a second user needs one.
+    let b = connect(&relay.url("stats", "stats")).await;
+    let t0 = Instant::now();
+    let who: String = b.query_one("select current_user::text", &[]).await.unwrap().get(0);
+    assert_eq!(who, "stats");
+    assert!(t0.elapsed() < Duration::from_secs(3), "the second user waited {:?}", t0.elapsed());
+    // One server connection for the database the whole time, and the first user can take it back in turn.
+    let n: i64 = b
+        .query_one(
+            "select count(*) from pg_stat_activity where datname = 'postgres' and backend_type = 'client backend'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 1, "max_db_connections = 1 was exceeded");
+    assert_eq!(a.query_one("select 2", &[]).await.unwrap().get::<_, i32>(0), 2);
+}

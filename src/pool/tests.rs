@@ -128,7 +128,7 @@ fn pool_with(
         max_db_connections: cfg.proxy.max_db_connections,
     };
     let (_route_tx, route) = crate::routing::fixed(Target { host: "127.0.0.1".into(), port: server.port });
-    Arc::new(Pool::new(
+    let pool = Arc::new(Pool::new(
         PoolKey { database: "db".into(), user: user.into() },
         Login { user: user.into(), database: "db".into(), secret: None, scram_keys: None },
         settings,
@@ -137,7 +137,9 @@ fn pool_with(
         false,
         crate::observe::Metrics::new().pool("db", false),
         limit.clone(),
-    ))
+    ));
+    limit.register(&pool);
+    pool
 }
 
 /// The app's janitor tends the queue every 100 ms; here every 5 ms.
@@ -231,6 +233,33 @@ async fn a_waiter_held_back_by_max_db_connections_gets_room_freed_by_another_poo
     assert_eq!(limit.open.load(Ordering::Relaxed), 1);
     drop(c);
     janitor.abort();
+}
+
+/// At max_db_connections, an idle connection of another pool of the database is closed to make room, as pgBouncer
+/// does: otherwise the client would wait for that connection's server_idle_timeout (600 s by default).
+#[tokio::test]
+async fn at_the_database_limit_an_idle_connection_of_another_pool_makes_room() {
+    let server = FakeServer::start(Duration::ZERO).await;
+    let limit = Arc::new(DbLimit::default());
+    let tune = |c: &mut Config| c.proxy.max_db_connections = 1;
+    let a = pool_with(&server, "a", 2, 0, &limit, tune);
+    let b = pool_with(&server, "b", 2, 0, &limit, tune);
+    a.checkout(soon()).await.expect("the database's only connection").release();
+    assert_eq!((a.counts().total, a.counts().idle), (1, 1));
+    let t0 = Instant::now();
+    let c = tokio::time::timeout(Duration::from_secs(3), b.checkout(soon()))
+        .await
+        .expect("b is served at once, not after a's idle timeout")
+        .expect("b connects");
+    assert!(t0.elapsed() < Duration::from_secs(1), "{:?}", t0.elapsed());
+    assert_eq!(a.counts().total, 0, "a's idle connection was closed for b");
+    assert_eq!(limit.open.load(Ordering::Relaxed), 1, "still one connection for the database");
+    eventually("a's connection is gone from the server", || server.open() == 1).await;
+    // A connection in use is never taken: with b's checked out, a waits.
+    let r = tokio::time::timeout(Duration::from_millis(300), a.checkout(None)).await;
+    assert!(r.is_err(), "a must not get a second connection past the limit");
+    assert_eq!(limit.open.load(Ordering::Relaxed), 1);
+    drop(c);
 }
 
 /// A small xorshift: the stress test needs varied choices, not good randomness.
