@@ -528,6 +528,26 @@ async fn advisory_lock_pins_and_is_released_on_disconnect() {
     assert!(ok, "the lock was not released when A disconnected");
 }
 
+/// Texts that differ only in a quoted literal share a cache entry, across sessions too (the runtime thread's text
+/// cache): a lock call hidden in the literal must still pin, although another client ran a harmless text of the
+/// same shape first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_in_a_literal_pins_after_another_client_ran_the_same_shape() {
+    let pg = Pg::start();
+    let relay = relay_with_pool(&pg, 2);
+    let a = relay.connect().await;
+    a.batch_execute("DO 'BEGIN PERFORM 1; END'").await.unwrap();
+    let b = relay.connect().await;
+    b.batch_execute("DO 'BEGIN PERFORM pg_advisory_lock(43); END'").await.unwrap();
+    let pid: i32 = b.query_one("select pg_backend_pid()", &[]).await.unwrap().get(0);
+    for _ in 0..5 {
+        let got: bool = a.query_one("select pg_try_advisory_lock(43)", &[]).await.unwrap().get(0);
+        assert!(!got, "A must not get the lock B holds (B's server went back to the pool)");
+        let p: i32 = b.query_one("select pg_backend_pid()", &[]).await.unwrap().get(0);
+        assert_eq!(p, pid, "B stays on its server while it holds the lock");
+    }
+}
+
 /// Connects with a connection task that forwards notifications into a channel.
 async fn connect_listening(url: &str) -> (tokio_postgres::Client, tokio::sync::mpsc::UnboundedReceiver<String>) {
     let (client, mut conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.unwrap();

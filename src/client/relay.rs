@@ -181,6 +181,43 @@ fn text_slot(texts: &[TextSlot], seq: u32) -> Option<&TextSlot> {
 /// Slots of the per-session query-text cache (a power of two).
 const TEXT_CACHE: usize = 64;
 
+/// Slots of the per-thread query-text cache behind the sessions' own (a power of two).
+const SHARED_TEXT_CACHE: usize = 1024;
+
+thread_local! {
+    /// The second level of the text cache, shared by the sessions this runtime thread runs. A session's own cache
+    /// starts empty, so with a connection per transaction every text would be normalised again (about 3,000
+    /// instructions). Same keys and same contents as the sessions' caches; only settled fingerprints are kept.
+    static SHARED_TEXTS: std::cell::RefCell<Vec<(u64, TextInfo)>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// What the thread's sessions learnt about the text with key `h`, if a fingerprint was settled for it.
+fn shared_text(h: u64) -> Option<TextInfo> {
+    SHARED_TEXTS.with(|c| {
+        let c = c.borrow();
+        c.get((h as usize) & (SHARED_TEXT_CACHE - 1))
+            .filter(|(k, i)| *k == h && i.fp != 0 && i.fp != FP_PENDING)
+            .map(|(_, i)| *i)
+    })
+}
+
+/// Shares what a session learnt about the text with key `h` (settled fingerprints only).
+fn share_text(h: u64, info: TextInfo) {
+    if info.fp == 0 || info.fp == FP_PENDING {
+        return;
+    }
+    SHARED_TEXTS.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.is_empty() {
+            c.resize(
+                SHARED_TEXT_CACHE,
+                (0, TextInfo { fp: 0, qtype: QueryType::Other, session: false, quoted: false }),
+            );
+        }
+        c[(h as usize) & (SHARED_TEXT_CACHE - 1)] = (h, info);
+    });
+}
+
 /// Slots of recent query texts and Bind messages, reused so capture costs a copy, not an allocation.
 const RING: usize = 8;
 
@@ -1374,6 +1411,13 @@ impl Session {
             }
             return slot.1;
         }
+        if let Some(known) = shared_text(h) {
+            *slot = (h, known);
+            if by_shape && known.quoted {
+                return TextInfo { session: prepared::classify(sql).is_some(), ..known };
+            }
+            return known;
+        }
         let info = TextInfo {
             fp: if defer { FP_PENDING } else { real_fingerprint(sql) },
             qtype: query_type(sql),
@@ -1381,6 +1425,7 @@ impl Session {
             quoted: by_shape && memchr::memchr(b'\'', sql.as_bytes()).is_some(),
         };
         *slot = (h, info);
+        share_text(h, info);
         info
     }
 
@@ -1403,6 +1448,7 @@ impl Session {
                     if let Some(c) = self.fp_cache.get_mut((h as usize) & (TEXT_CACHE - 1)) {
                         if c.0 == h {
                             c.1.fp = fp;
+                            share_text(h, c.1);
                         }
                     }
                     fp
