@@ -277,9 +277,9 @@ fn accept(
     tracker.spawn(async move {
         // With a run dir, a cancel key we never issued may belong to the other process of an upgrade.
         if let Some(rd) = run_dir {
-            if let Some(k) = handover::peek_cancel(&sock).await {
+            if let Some(k) = Box::pin(handover::peek_cancel(&sock)).await {
                 if !shared.cancel_keys.contains_key(&k) {
-                    rd.forward_cancel(k).await;
+                    Box::pin(rd.forward_cancel(k)).await;
                     shared.client_count.fetch_sub(1, Ordering::AcqRel);
                     return;
                 }

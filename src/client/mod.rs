@@ -48,7 +48,8 @@ impl ClientConn {
     /// Sends an error and flushes; used before closing.
     pub async fn fatal(&mut self, code: &str, message: &str) {
         protocol::error_response(&mut self.wbuf, "FATAL", code, message);
-        let _ = tokio::time::timeout(Duration::from_secs(1), self.flush()).await;
+        // Boxed: a timer is large, and this future is part of every session's state.
+        let _ = Box::pin(tokio::time::timeout(Duration::from_secs(1), self.flush())).await;
     }
 
     async fn read_exact_n(&mut self, n: usize) -> Result<BytesMut> {
@@ -95,10 +96,13 @@ pub async fn serve(shared: Arc<Shared>, socket: TcpStream, addr: SocketAddr) {
         addr,
     };
     // One deadline covers encryption negotiation, the startup packet and authentication.
+    // The phases of a connection are boxed futures: this task's own state then stays small, so spawning it copies
+    // little and an idle client holds only the state of the phase it is in (the TLS handshake and the SCRAM
+    // exchange need far more than a relaying session).
     let deadline = shared.config.load().proxy.client_login_timeout.get().map(|t| tokio::time::Instant::now() + t);
     let negotiated = match deadline {
-        Some(d) => tokio::time::timeout_at(d, negotiate_encryption(&shared, conn)).await,
-        None => Ok(negotiate_encryption(&shared, conn).await),
+        Some(d) => Box::pin(tokio::time::timeout_at(d, negotiate_encryption(&shared, conn))).await,
+        None => Ok(Box::pin(negotiate_encryption(&shared, conn)).await),
     };
     let mut conn = match negotiated {
         Ok(Ok(Some(c))) => c,
@@ -115,7 +119,7 @@ pub async fn serve(shared: Arc<Shared>, socket: TcpStream, addr: SocketAddr) {
         }
     };
     let startup = match deadline {
-        Some(d) => match tokio::time::timeout_at(d, startup(&shared, &mut conn)).await {
+        Some(d) => match Box::pin(tokio::time::timeout_at(d, startup(&shared, &mut conn))).await {
             Ok(r) => r,
             Err(_) => {
                 info!(client = %addr, "client_login_timeout: closing");
@@ -123,7 +127,7 @@ pub async fn serve(shared: Arc<Shared>, socket: TcpStream, addr: SocketAddr) {
                 return;
             }
         },
-        None => startup(&shared, &mut conn).await,
+        None => Box::pin(startup(&shared, &mut conn)).await,
     };
     let startup = match startup {
         Ok(Some(s)) => s,
@@ -136,7 +140,7 @@ pub async fn serve(shared: Arc<Shared>, socket: TcpStream, addr: SocketAddr) {
         }
     };
     if startup.database == "pgrelay" || startup.database == "pgbouncer" {
-        crate::admin::serve(shared, conn, startup.user, startup.params).await;
+        Box::pin(crate::admin::serve(shared, conn, startup.user, startup.params)).await;
         return;
     }
     let Some(pool) = shared.pool(&startup.database, &startup.user) else {
@@ -175,7 +179,7 @@ pub async fn serve(shared: Arc<Shared>, socket: TcpStream, addr: SocketAddr) {
             Some(p) => p,
             None => {
                 let deadline = shared.config.load().proxy.query_wait_timeout.get().map(|d| Instant::now() + d);
-                match pool.checkout(deadline).await {
+                match Box::pin(pool.checkout(deadline)).await {
                     Ok(c) => {
                         let p = Arc::new(c.params.clone());
                         c.release();
@@ -194,7 +198,7 @@ pub async fn serve(shared: Arc<Shared>, socket: TcpStream, addr: SocketAddr) {
         // The login's write buffer goes: a client that never queries (most of a big fleet) keeps none.
         conn.wbuf = BytesMut::new();
         info.set_state(ClientState::Idle, shared.micros(Instant::now()));
-        relay::Session::new(shared.clone(), info.clone(), pool.clone(), startup.params).run(&mut conn).await
+        Box::pin(relay::Session::new(shared.clone(), info.clone(), pool.clone(), startup.params).run(&mut conn)).await
     }
     .await;
     if let Err(e) = result {
