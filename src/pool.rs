@@ -314,7 +314,9 @@ impl Pool {
                 Step::Got(conn) => (conn, start, false),
                 Step::Connect => {
                     immediate = false;
-                    break self.open(deadline).await;
+                    // Boxed here and below: opening a connection (TCP, TLS, authentication) needs far more state than a
+                    // checkout, and this future is part of every session's.
+                    break Box::pin(self.open(deadline)).await;
                 }
                 Step::Wait(ticket, reserve_at) => {
                     immediate = false;
@@ -339,7 +341,7 @@ impl Pool {
                     match grant {
                         Some(Grant::Expired) => break Err(Error::Timeout("query_wait_timeout")),
                         Some(Grant::Conn(conn)) => (conn, Instant::now(), true),
-                        Some(Grant::Slot) => break self.open(deadline).await,
+                        Some(Grant::Slot) => break Box::pin(self.open(deadline)).await,
                         None => continue,
                     }
                 }
@@ -435,7 +437,7 @@ impl Pool {
             let query = self.config.load().proxy.server_check_query.clone();
             // Guarded while the check runs: a checkout dropped meanwhile closes the server and frees its slot.
             let mut guard = PooledConn { conn: Some(conn), pool: self.clone(), got_at: now };
-            let ok = tokio::time::timeout(Duration::from_secs(5), guard.execute(&query)).await;
+            let ok = Box::pin(tokio::time::timeout(Duration::from_secs(5), guard.execute(&query))).await;
             if !matches!(ok, Ok(Ok(()))) {
                 debug!(pool = %self.key.database, server = guard.id, "server check failed, dropping it");
                 guard.discard();
