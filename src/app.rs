@@ -116,7 +116,8 @@ pub async fn run(shared: Arc<Shared>, listener: TcpListener, handlers: SignalHan
     tokio::spawn(janitor(shared.clone()));
     if let Some(window) = cfg.proxy.busy_poll.get() {
         info!(window = ?window, "busy polling on");
-        tokio::spawn(shared.busy_poll.clone().run(window));
+        let shared = shared.clone();
+        tokio::spawn(async move { shared.busy_poll.run(window).await });
     }
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(None);
     tokio::spawn(signals(shared.clone(), stop_tx, handlers));

@@ -12,7 +12,6 @@
 //! has been touched for the window, then parks until the next touch.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
@@ -28,7 +27,7 @@ pub struct BusyPoll {
     /// The poller sleeps and wants to be woken by the next touch.
     parked: AtomicBool,
     waker: AtomicWaker,
-    /// Turns spent polling, for tests and `SHOW`-style introspection.
+    /// Turns spent polling (for tests).
     spins: AtomicU64,
 }
 
@@ -55,7 +54,7 @@ impl BusyPoll {
     }
 
     /// The polling task: runs until the runtime stops. `window` is how long it keeps polling after the last touch.
-    pub async fn run(self: Arc<Self>, window: Duration) {
+    pub async fn run(&self, window: Duration) {
         self.on.store(true, Ordering::Relaxed);
         loop {
             // Asleep until a session reports traffic. Register, then look: a touch in between finds the waker.
@@ -88,6 +87,7 @@ impl BusyPoll {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
 
     async fn wait_until(what: &str, f: impl Fn() -> bool) {
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -100,7 +100,8 @@ mod tests {
     #[tokio::test(flavor = "current_thread")]
     async fn polls_after_a_touch_and_parks_when_traffic_stops() {
         let bp = Arc::new(BusyPoll::default());
-        let task = tokio::spawn(bp.clone().run(Duration::from_millis(20)));
+        let poller = bp.clone();
+        let task = tokio::spawn(async move { poller.run(Duration::from_millis(20)).await });
         wait_until("the poller parks at start", || bp.parked()).await;
         // Parked: no turns are spent while nothing happens.
         let idle = bp.spins();

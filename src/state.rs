@@ -161,7 +161,7 @@ pub struct Shared {
     /// TLS towards clients; swapped by reload so new handshakes use the new certificate.
     pub tls: arc_swap::ArcSwapOption<crate::tls::Acceptor>,
     /// Busy polling, when `proxy.busy_poll` is set: sessions touch it per event.
-    pub busy_poll: Arc<crate::busypoll::BusyPoll>,
+    pub busy_poll: crate::busypoll::BusyPoll,
     reload_lock: Mutex<()>,
 }
 
@@ -291,7 +291,7 @@ impl Shared {
         let dbc = cfg.databases.get(database)?;
         let route = self.route(database)?;
         let login = self.login_for(&key, dbc);
-        let limit: Arc<crate::pool::DbLimit> = self.db_limits.entry(database.to_string()).or_default().clone();
+        let limit = self.db_limits.entry(database.to_string()).or_default().clone();
         let metrics = self.metrics.pool(database, cfg.proxy.observability);
         let pool = Arc::new(Pool::new(
             key.clone(),

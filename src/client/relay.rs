@@ -206,16 +206,17 @@ fn share_text(h: u64, info: TextInfo) {
     if info.fp == 0 || info.fp == FP_PENDING {
         return;
     }
-    SHARED_TEXTS.with(|c| {
-        let mut c = c.borrow_mut();
-        if c.is_empty() {
-            c.resize(
-                SHARED_TEXT_CACHE,
-                (0, TextInfo { fp: 0, qtype: QueryType::Other, session: false, quoted: false }),
-            );
-        }
-        c[(h as usize) & (SHARED_TEXT_CACHE - 1)] = (h, info);
-    });
+    SHARED_TEXTS.with(|c| *text_slot_mut(&mut c.borrow_mut(), SHARED_TEXT_CACHE, h) = (h, info));
+}
+
+/// The slot of key `h` in a direct-mapped text cache of `size` slots (a power of two), allocated on first use:
+/// one slot per hash bucket, the newest text wins. No hashing of the hash, no allocation after the first miss, and
+/// texts seen once (literals inlined) cost a slot overwrite, not a map insert.
+fn text_slot_mut(cache: &mut Vec<(u64, TextInfo)>, size: usize, h: u64) -> &mut (u64, TextInfo) {
+    if cache.is_empty() {
+        *cache = vec![(0, TextInfo { fp: 0, qtype: QueryType::Other, session: false, quoted: false }); size];
+    }
+    &mut cache[(h as usize) & (size - 1)]
 }
 
 /// Slots of recent query texts and Bind messages, reused so capture costs a copy, not an allocation.
@@ -1397,23 +1398,16 @@ impl Session {
     /// Fingerprint of a query text, normalising each distinct text once per session.
     fn text_info(&mut self, sql: &str, defer: bool) -> TextInfo {
         let (h, by_shape) = text_key(sql);
-        // Direct-mapped: one slot per hash bucket, the newest text wins. No hashing of the hash, no allocation
-        // after the first miss, and texts seen once (literals inlined) cost a slot overwrite, not a map insert.
-        if self.fp_cache.is_empty() {
-            self.fp_cache =
-                vec![(0, TextInfo { fp: 0, qtype: QueryType::Other, session: false, quoted: false }); TEXT_CACHE];
-        }
-        let slot = &mut self.fp_cache[(h as usize) & (TEXT_CACHE - 1)];
-        if slot.0 == h && slot.1.fp != 0 && (defer || slot.1.fp != FP_PENDING) {
-            if by_shape && slot.1.quoted {
-                // Fingerprint and statement kind follow from the shape; a session command may hide in a literal.
-                return TextInfo { session: prepared::classify(sql).is_some(), ..slot.1 };
-            }
-            return slot.1;
-        }
-        if let Some(known) = shared_text(h) {
-            *slot = (h, known);
+        let slot = text_slot_mut(&mut self.fp_cache, TEXT_CACHE, h);
+        let known = if slot.0 == h && slot.1.fp != 0 && (defer || slot.1.fp != FP_PENDING) {
+            Some(slot.1)
+        } else {
+            // The session has not seen it; the other sessions of this thread may have.
+            shared_text(h).inspect(|k| *slot = (h, *k))
+        };
+        if let Some(known) = known {
             if by_shape && known.quoted {
+                // Fingerprint and statement kind follow from the shape; a session command may hide in a literal.
                 return TextInfo { session: prepared::classify(sql).is_some(), ..known };
             }
             return known;
