@@ -399,10 +399,7 @@ impl Pool {
         let t = g.tuning;
         let reserve = *reserve.get_or_insert(t.reserve_pool_size > 0 && t.reserve_after.is_zero());
         let limit = t.pool_size + if reserve { t.reserve_pool_size } else { 0 };
-        let db_ok = t.max_db_connections == 0
-            || self.db_limit.open.load(Ordering::Relaxed) < t.max_db_connections
-            || (g.total < limit && self.db_limit.evict_idle(self));
-        if g.total < limit && db_ok {
+        if g.total < limit && self.db_room(&t) {
             g.total += 1;
             self.db_limit.open.fetch_add(1, Ordering::Relaxed);
             return Step::Connect;
@@ -626,17 +623,20 @@ impl Pool {
         }
     }
 
+    /// Whether the database has room for one more server connection under max_db_connections, closing another
+    /// pool's idle one to make it if needed. Called with this pool's lock held.
+    fn db_room(&self, t: &Tuning) -> bool {
+        t.max_db_connections == 0
+            || self.db_limit.open.load(Ordering::Relaxed) < t.max_db_connections
+            || self.db_limit.evict_idle(self)
+    }
+
     /// Grants room to open a connection to queued checkouts, in queue order, while the pool is below pool_size and
     /// the database below max_db_connections; returns the wakers to wake once the lock is released.
     fn admit(&self, g: &mut Inner) -> Vec<Waker> {
         let mut woken = Vec::new();
         let t = g.tuning;
-        while g.total < t.pool_size
-            && g.queue.live().0 > 0
-            && (t.max_db_connections == 0
-                || self.db_limit.open.load(Ordering::Relaxed) < t.max_db_connections
-                || self.db_limit.evict_idle(self))
-        {
+        while g.total < t.pool_size && g.queue.live().0 > 0 && self.db_room(&t) {
             let Ok(w) = g.queue.grant_first(Grant::Slot) else { break };
             g.total += 1;
             self.db_limit.open.fetch_add(1, Ordering::Relaxed);
@@ -693,25 +693,22 @@ impl Pool {
 
     /// Returns a clean, idle connection.
     fn checkin(&self, mut conn: Box<ServerConn>, now: Instant) {
+        conn.last_used = now;
+        self.put_back(conn, now);
+    }
+
+    /// Passes on a connection granted to a checkout that gave up before taking it. It gets a checkin's checks: the
+    /// route, lifetime, pool size or pool may have changed since it was granted.
+    fn pass_on(&self, conn: Box<ServerConn>) {
+        self.put_back(conn, Instant::now());
+    }
+
+    /// Hands a connection to the next waiter or the idle list, or closes it when it must not serve again.
+    fn put_back(&self, conn: Box<ServerConn>, now: Instant) {
         let mut g = self.inner.lock();
         g.refresh_route();
         let surplus = g.total > g.tuning.cap();
         if surplus || conn.tx_status != b'I' || !g.is_usable(&conn, now) || self.retired.load(Ordering::Relaxed) {
-            drop(g);
-            self.forget(conn);
-            return;
-        }
-        conn.last_used = now;
-        self.hand_over(g, conn);
-    }
-
-    /// Passes on a connection granted to a checkout that gave up before taking it, with the checks of a checkin:
-    /// the route, lifetime, pool size or pool may have changed since it was granted.
-    fn pass_on(&self, conn: Box<ServerConn>) {
-        let mut g = self.inner.lock();
-        g.refresh_route();
-        let now = Instant::now();
-        if g.total > g.tuning.cap() || !g.is_usable(&conn, now) || self.retired.load(Ordering::Relaxed) {
             drop(g);
             self.forget(conn);
             return;

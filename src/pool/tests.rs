@@ -209,15 +209,21 @@ async fn a_checkout_dropped_while_its_server_is_checked_closes_the_server() {
     eventually("the server dropped mid-check is closed", || server.open() == 0).await;
 }
 
-/// max_db_connections is shared by every pool of a database: room freed in one pool must reach a client queued in
-/// another, which has nothing of its own to hand over.
-#[tokio::test]
-async fn a_waiter_held_back_by_max_db_connections_gets_room_freed_by_another_pool() {
+/// Two pools of 2 (users "a" and "b") of one database limited to one server connection (max_db_connections = 1).
+async fn two_pools_one_connection() -> (FakeServer, Arc<DbLimit>, Arc<Pool>, Arc<Pool>) {
     let server = FakeServer::start(Duration::ZERO).await;
     let limit = Arc::new(DbLimit::default());
     let tune = |c: &mut Config| c.proxy.max_db_connections = 1;
     let a = pool_with(&server, "a", 2, 0, &limit, tune);
     let b = pool_with(&server, "b", 2, 0, &limit, tune);
+    (server, limit, a, b)
+}
+
+/// max_db_connections is shared by every pool of a database: room freed in one pool must reach a client queued in
+/// another, which has nothing of its own to hand over.
+#[tokio::test]
+async fn a_waiter_held_back_by_max_db_connections_gets_room_freed_by_another_pool() {
+    let (server, limit, a, b) = two_pools_one_connection().await;
     let janitor = tend(vec![a.clone(), b.clone()]);
     let held = a.checkout(soon()).await.expect("the database's only connection");
     let b2 = b.clone();
@@ -239,11 +245,7 @@ async fn a_waiter_held_back_by_max_db_connections_gets_room_freed_by_another_poo
 /// does: otherwise the client would wait for that connection's server_idle_timeout (600 s by default).
 #[tokio::test]
 async fn at_the_database_limit_an_idle_connection_of_another_pool_makes_room() {
-    let server = FakeServer::start(Duration::ZERO).await;
-    let limit = Arc::new(DbLimit::default());
-    let tune = |c: &mut Config| c.proxy.max_db_connections = 1;
-    let a = pool_with(&server, "a", 2, 0, &limit, tune);
-    let b = pool_with(&server, "b", 2, 0, &limit, tune);
+    let (server, limit, a, b) = two_pools_one_connection().await;
     a.checkout(soon()).await.expect("the database's only connection").release();
     assert_eq!((a.counts().total, a.counts().idle), (1, 1));
     let t0 = Instant::now();
