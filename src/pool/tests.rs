@@ -223,7 +223,7 @@ async fn two_pools_one_connection() -> (FakeServer, Arc<DbLimit>, Arc<Pool>, Arc
 /// another, which has nothing of its own to hand over.
 #[tokio::test]
 async fn a_waiter_held_back_by_max_db_connections_gets_room_freed_by_another_pool() {
-    let (server, limit, a, b) = two_pools_one_connection().await;
+    let (_server, limit, a, b) = two_pools_one_connection().await;
     let janitor = tend(vec![a.clone(), b.clone()]);
     let held = a.checkout(soon()).await.expect("the database's only connection");
     let b2 = b.clone();
