@@ -477,15 +477,13 @@ impl Config {
             key: key.to_string(),
             reason: reason.to_string(),
         };
-        if self.proxy.listen.parse::<std::net::SocketAddr>().is_err() {
+        let Ok(p) = self.proxy.listen.parse::<std::net::SocketAddr>() else {
             return Err(bad("proxy.listen", "expected an address like 0.0.0.0:6432"));
-        }
-        if !self.metrics.listen.is_empty() && self.metrics.listen.parse::<std::net::SocketAddr>().is_err() {
-            return Err(bad("metrics.listen", "expected an address like 127.0.0.1:9091"));
-        }
-        if let (Ok(p), Ok(m)) =
-            (self.proxy.listen.parse::<std::net::SocketAddr>(), self.metrics.listen.parse::<std::net::SocketAddr>())
-        {
+        };
+        if !self.metrics.listen.is_empty() {
+            let Ok(m) = self.metrics.listen.parse::<std::net::SocketAddr>() else {
+                return Err(bad("metrics.listen", "expected an address like 127.0.0.1:9091"));
+            };
             // Both are bound with SO_REUSEPORT (for upgrades), so a shared port would not fail to bind: the kernel
             // would split incoming connections between the client listener and the HTTP one.
             if p.port() == m.port() && (p.ip() == m.ip() || p.ip().is_unspecified() || m.ip().is_unspecified()) {
@@ -740,15 +738,17 @@ mod tests {
         assert!(e.to_string().contains("databases.app.host"), "{e}");
     }
 
+    /// `text` plus a database, parsed and validated with trust auth (no userlist needed).
+    fn validated(text: &str) -> Result<Config, ConfigError> {
+        let mut c = Config::parse(&format!("{text}\n[databases.app]\nhost = \"h\"\n"), Path::new("t.toml"))?;
+        c.auth.kind = AuthType::Trust;
+        c.validate(Path::new("t.toml")).map(|()| c)
+    }
+
     #[test]
     fn metrics_listen_must_differ_from_proxy_listen() {
         let check = |proxy: &str, metrics: &str| {
-            let t = format!(
-                "[proxy]\nlisten = \"{proxy}\"\n[metrics]\nlisten = \"{metrics}\"\n[databases.app]\nhost = \"h\"\n"
-            );
-            let mut c = Config::parse(&t, Path::new("t.toml")).unwrap();
-            c.auth.kind = AuthType::Trust;
-            c.validate(Path::new("t.toml"))
+            validated(&format!("[proxy]\nlisten = \"{proxy}\"\n[metrics]\nlisten = \"{metrics}\""))
         };
         for (p, m) in
             [("127.0.0.1:6432", "127.0.0.1:6432"), ("0.0.0.0:6432", "127.0.0.1:6432"), ("127.0.0.1:7", "0.0.0.0:7")]
@@ -762,11 +762,7 @@ mod tests {
 
     #[test]
     fn server_channel_binding_key() {
-        let parse = |t: &str| {
-            let mut c = Config::parse(&format!("{t}\n[databases.app]\nhost = \"h\"\n"), Path::new("t.toml"))?;
-            c.auth.kind = AuthType::Trust;
-            c.validate(Path::new("t.toml")).map(|()| c)
-        };
+        let parse = validated;
         assert_eq!(parse("").unwrap().server_tls.channel_binding, ChannelBinding::Prefer);
         let c = parse("[server_tls]\nmode = \"require\"\nchannel_binding = \"require\"").unwrap();
         assert_eq!(c.server_tls.channel_binding, ChannelBinding::Require);
