@@ -266,12 +266,19 @@ async fn max_client_conn_refuses_with_clear_error() {
     relay.connect().await.query_one("select 1", &[]).await.unwrap();
 }
 
+/// A relay with a pool of one server (plus `[proxy]` settings `extra`), and a client holding that server in an open
+/// transaction, so the next client has to wait.
+async fn pool_of_one_held(pg: &Pg, extra: &str) -> (Relay, tokio_postgres::Client) {
+    let relay = Relay::start(pg, &format!("default_pool_size = 1\n{extra}"), "");
+    let a = relay.connect().await;
+    a.batch_execute("begin; select 1").await.unwrap();
+    (relay, a)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn query_wait_timeout_gives_an_error_not_a_hang() {
     let pg = Pg::start();
-    let relay = Relay::start(&pg, "default_pool_size = 1\nquery_wait_timeout = \"500ms\"", "");
-    let a = relay.connect().await;
-    a.batch_execute("begin; select 1").await.unwrap();
+    let (relay, a) = pool_of_one_held(&pg, "query_wait_timeout = \"500ms\"").await;
     let b = relay.connect().await;
     let t = Instant::now();
     let e = b.query_one("select 1", &[]).await.expect_err("b must time out waiting");
@@ -286,13 +293,9 @@ async fn query_wait_timeout_gives_an_error_not_a_hang() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reserve_pool_serves_a_client_after_reserve_pool_timeout() {
     let pg = Pg::start();
-    let relay = Relay::start(
-        &pg,
-        "default_pool_size = 1\nreserve_pool_size = 1\nreserve_pool_timeout = \"300ms\"\nquery_wait_timeout = \"10s\"",
-        "",
-    );
-    let a = relay.connect().await;
-    a.batch_execute("begin; select 1").await.unwrap();
+    let (relay, a) =
+        pool_of_one_held(&pg, "reserve_pool_size = 1\nreserve_pool_timeout = \"300ms\"\nquery_wait_timeout = \"10s\"")
+            .await;
     let b = relay.connect().await;
     let t = Instant::now();
     assert_eq!(b.query_one("select 2", &[]).await.unwrap().get::<_, i32>(0), 2);
@@ -305,9 +308,7 @@ async fn reserve_pool_serves_a_client_after_reserve_pool_timeout() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queued_clients_that_hang_up_do_not_cost_the_pool_its_server() {
     let pg = Pg::start();
-    let relay = Relay::start(&pg, "default_pool_size = 1\nquery_wait_timeout = \"10s\"", "");
-    let a = relay.connect().await;
-    a.batch_execute("begin; select 1").await.unwrap();
+    let (relay, a) = pool_of_one_held(&pg, "query_wait_timeout = \"10s\"").await;
     let mut quitters = Vec::new();
     for _ in 0..3 {
         let c = relay.connect().await;
